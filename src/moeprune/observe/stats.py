@@ -1,0 +1,162 @@
+"""Saved calibration statistics: the contract between ``observe`` and every method.
+
+``ExpertStats`` holds, per MoE layer, named float64 tensors (schema below) plus JSON metadata.
+Methods are pure functions of it; it saves as ``stats.safetensors`` + ``stats.json`` and merges
+across data shards / ranks (sums add, maxima max, per-sample rows concatenate).
+
+Notation (per layer): E experts, H hidden, I expert intermediate size, N calibration samples,
+T_s cached tokens. ``g`` is the gate weight the model *actually applied* to the expert output
+(after top-k renormalisation / routed scaling), ``f = f_j(x_t)`` the un-gated expert output,
+``p`` the full router probability (softmax, or sigmoid for sigmoid routers) over all experts.
+Only valid (non-padding) tokens count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATS_FORMAT = "moeprune.stats/v1"
+
+# name -> (feature group, reduction, shape, meaning)
+SCHEMA: dict[str, tuple[str, str, str, str]] = {
+    # --- routed: cheap, always collected (unified family, frequency, REAP, EAN, MAN, MSAN, soft freq)
+    "tokens": ("routed", "sum", "[]", "number of valid tokens seen by the layer"),
+    "count": ("routed", "sum", "[E]", "N_j: tokens routed to j (top-k hits)"),
+    "gate_sum": ("routed", "sum", "[E]", "sum over routed tokens of g"),
+    "norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of ||f||_2"),
+    "norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of ||f||_2^2"),
+    "gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of g*||f||"),
+    "gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (g*||f||)^2"),
+    "max_act": ("routed", "max", "[E]", "max over routed tokens of max_i |f_i| (0 if never routed)"),
+    "prob_sum": ("routed", "sum", "[E]", "sum over all tokens of p (full router probability)"),
+    # --- direction: TENP and EASY-EP
+    "gate_norm_dir_sum": ("direction", "sum", "[E]", "TENP: sum over routed of g*||f||*(1-cos(x_t, f))"),
+    "easyep_sum": ("direction", "sum", "[E]",
+                   "EASY-EP: sum over routed of g*||f||*max(1-cos(h_t, h_t+r_t), 0); h_t residual stream "
+                   "before the block, r_t the routed output (shared experts excluded)"),
+    # --- neurons: TENP expert-neuron pruning
+    "neuron_proj_sum": ("neurons", "sum", "[E, I]",
+                        "sum over routed tokens of a_{t,k} * <W_down[:,k], f> / ||f|| (signed projection)"),
+    "neuron_l2_sum": ("neurons", "sum", "[E, I]", "sum over routed tokens of |a_{t,k}| * ||W_down[:,k]||"),
+    # --- transitions: co-routing between this MoE layer and the next one
+    "transition": ("transitions", "sum", "[E, E_next]",
+                   "tokens routed to i here and to j in the next MoE layer (all slot pairs)"),
+    # --- paths: MoE Pathfinder, needs every expert on every token (E x expert FLOPs)
+    "sample_tokens": ("paths", "cat", "[N]", "valid tokens per calibration sample"),
+    "sample_prob_mean": ("paths", "cat", "[N, E]", "r: mean over the sample's tokens of p"),
+    "sample_norm_mean": ("paths", "cat", "[N, E]", "a: mean over ALL the sample's tokens of ||f_j(x_t)||"),
+    "sample_recon_loss": ("paths", "cat", "[N, E]",
+                          "L: ||Y - F_j||_F per sample, Y routed block output, F_j = f_j(X) (only j kept)"),
+    # --- cluster: C-Prune (sentence-level expert outputs)
+    "sentence_out": ("cluster", "cat", "[N, E, H]", "f_j(mean over the sample's valid tokens of x_t)"),
+    # --- reconstruction: NAEE enumeration from a token subsample (pure function of these)
+    "recon_logits": ("reconstruction", "cat", "[T_s, E]", "router logits of cached tokens"),
+    "recon_expert_out": ("reconstruction", "cat", "[T_s, E, H]", "f_j(x_t) for every expert on cached tokens"),
+    "recon_target": ("reconstruction", "cat", "[T_s, H]", "routed block output (sum_k g*f) of cached tokens"),
+}
+FEATURES = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction")
+
+
+@dataclass
+class ExpertStats:
+    """Per-layer statistics ``layers[layer_idx][name] -> Tensor`` plus ``meta``.
+
+    ``meta`` keys written by observe: model_type, moe_layers, num_experts {layer: E}, top_k {layer},
+    intermediate_size {layer}, hidden_size, n_group {layer: [n_group, topk_group]},
+    router {layer: {"score": softmax|sigmoid|probs, "renormalize": bool, "scale": float}},
+    expert_params {layer: parameters per expert}, other_params (all non-routed-expert parameters),
+    dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
+    data (source, hash, seq_len, seed)."""
+
+    layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, layer: int) -> dict[str, torch.Tensor]:
+        return self.layers[layer]
+
+    def get(self, layer: int, name: str) -> torch.Tensor:
+        """``layers[layer][name]`` with an error that says which observe feature produces it."""
+        try:
+            return self.layers[layer][name]
+        except KeyError:
+            group = SCHEMA.get(name, ("?",))[0]
+            have = sorted(self.layers.get(layer, {}))
+            raise KeyError(f"statistic {name!r} missing for layer {layer} (have {have}); "
+                           f"re-run observe with feature {group!r} enabled") from None
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self.layers)
+
+    def num_experts(self, layer: int) -> int:
+        return int(self.meta.get("num_experts", {}).get(str(layer), self.layers[layer]["count"].numel()))
+
+    # ---- merging (data-parallel ranks, data shards)
+    def merge(self, other: "ExpertStats") -> "ExpertStats":
+        """In place: add ``other``'s statistics (same model and features)."""
+        if set(self.layers) != set(other.layers):
+            raise ValueError(f"cannot merge stats of layers {sorted(self.layers)} and {sorted(other.layers)}")
+        for li, d in other.layers.items():
+            mine = self.layers[li]
+            if set(mine) != set(d):
+                raise ValueError(f"layer {li}: statistics differ: {sorted(set(mine) ^ set(d))}")
+            for name, t in d.items():
+                red = SCHEMA.get(name, ("", "sum"))[1]
+                if red == "sum":
+                    mine[name] = mine[name] + t
+                elif red == "max":
+                    mine[name] = torch.maximum(mine[name], t)
+                else:
+                    mine[name] = torch.cat([mine[name], t], 0)
+        for key in ("num_samples", "num_tokens"):
+            if key in other.meta:
+                self.meta[key] = self.meta.get(key, 0) + other.meta[key]
+        return self
+
+    # ---- disk
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{li}.{name}": t.contiguous() for li, d in self.layers.items() for name, t in d.items()}
+
+    def save(self, folder: str | os.PathLike) -> str:
+        """``folder/stats.safetensors`` + ``folder/stats.json``, each written atomically."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        _atomic(os.path.join(folder, "stats.safetensors"),
+                lambda p: save_file(self.state_dict(), p, metadata={"format": STATS_FORMAT}))
+        meta = {"format": STATS_FORMAT, **self.meta}
+        _atomic(os.path.join(folder, "stats.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "ExpertStats":
+        folder = os.fspath(folder)
+        tp, jp = os.path.join(folder, "stats.safetensors"), os.path.join(folder, "stats.json")
+        if not (os.path.exists(tp) and os.path.exists(jp)):
+            raise FileNotFoundError(f"{folder} holds no moeprune statistics (stats.safetensors + stats.json); "
+                                    "create them with `moeprune observe`")
+        with open(jp) as f:
+            meta = json.load(f)
+        if meta.pop("format", None) != STATS_FORMAT:
+            raise ValueError(f"{jp} is not in format {STATS_FORMAT}")
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, t in load_file(tp).items():
+            li, name = key.split(".", 1)
+            layers.setdefault(int(li), {})[name] = t
+        return cls(layers=layers, meta=meta)
+
+
+def _atomic(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

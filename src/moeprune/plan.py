@@ -1,0 +1,134 @@
+"""The pruning plan: the one artifact that links score/plan to apply.
+
+A plan lists, per MoE layer, the experts to keep (original ids, sorted) and optionally, per kept
+expert, the intermediate channels to keep. It is plain JSON so it can be inspected, edited, diffed
+and applied to a model in memory or to a checkpoint on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PLAN_FORMAT = "moeprune.plan/v1"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Plan of one MoE layer. ``keep``: sorted original expert ids; ``neurons``: original expert id ->
+    sorted kept channel ids (experts absent from it keep every channel)."""
+
+    num_experts: int
+    keep: tuple[int, ...]
+    neurons: dict[int, tuple[int, ...]] | None = None
+    intermediate_size: int | None = None
+    scores: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        keep = tuple(sorted(int(e) for e in self.keep))
+        object.__setattr__(self, "keep", keep)
+        if len(set(keep)) != len(keep):
+            raise ValueError(f"duplicate expert ids in keep={list(keep)}")
+        if keep and (keep[0] < 0 or keep[-1] >= self.num_experts):
+            raise ValueError(f"expert ids {list(keep)} out of range [0, {self.num_experts})")
+        if self.neurons is not None:
+            neurons = {int(e): tuple(sorted(int(j) for j in v)) for e, v in self.neurons.items()}
+            bad = sorted(set(neurons) - set(keep))
+            if bad:
+                raise ValueError(f"neuron keeps given for experts {bad} that the plan removes")
+            object.__setattr__(self, "neurons", neurons)
+        if self.scores is not None:
+            object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        kept = set(self.keep)
+        return tuple(e for e in range(self.num_experts) if e not in kept)
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Per-layer kept experts (and neurons) plus where they came from."""
+
+    layers: dict[int, LayerPlan]
+    method: str = "manual"
+    method_config: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] = field(default_factory=dict)
+    model_type: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", {int(k): v for k, v in sorted(self.layers.items())})
+
+    # ---- views
+    def keep(self) -> dict[int, list[int]]:
+        return {li: list(lp.keep) for li, lp in self.layers.items()}
+
+    def kept_counts(self) -> dict[int, int]:
+        return {li: len(lp.keep) for li, lp in self.layers.items()}
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.kept_counts().values())) <= 1
+
+    @property
+    def has_neurons(self) -> bool:
+        return any(lp.neurons for lp in self.layers.values())
+
+    def expert_sparsity(self) -> float:
+        total = sum(lp.num_experts for lp in self.layers.values())
+        return 1.0 - sum(len(lp.keep) for lp in self.layers.values()) / max(total, 1)
+
+    # ---- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        layers = {}
+        for li, lp in self.layers.items():
+            d = {k: v for k, v in asdict(lp).items() if v is not None}
+            d["keep"] = list(lp.keep)
+            if lp.neurons is not None:
+                d["neurons"] = {str(e): list(v) for e, v in lp.neurons.items()}
+            if lp.scores is not None:
+                d["scores"] = list(lp.scores)
+            layers[str(li)] = d
+        return {"format": PLAN_FORMAT, "method": self.method, "method_config": self.method_config,
+                "target": self.target, "model_type": self.model_type,
+                "summary": {"expert_sparsity": round(self.expert_sparsity(), 6), "kept": self.kept_counts()},
+                "layers": layers, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruningPlan":
+        fmt = d.get("format")
+        if fmt != PLAN_FORMAT:
+            raise ValueError(f"not a moeprune plan: format={fmt!r}, expected {PLAN_FORMAT!r}")
+        layers = {}
+        for li, ld in d["layers"].items():
+            neurons = ld.get("neurons")
+            layers[int(li)] = LayerPlan(
+                num_experts=int(ld["num_experts"]), keep=tuple(ld["keep"]),
+                neurons={int(e): tuple(v) for e, v in neurons.items()} if neurons is not None else None,
+                intermediate_size=ld.get("intermediate_size"),
+                scores=tuple(ld["scores"]) if ld.get("scores") is not None else None)
+        return cls(layers=layers, method=d.get("method", "manual"), method_config=d.get("method_config") or {},
+                   target=d.get("target") or {}, model_type=d.get("model_type"), meta=d.get("meta") or {})
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write atomically (temp file + rename): a crash never leaves a half-written plan."""
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_keep(cls, keep: dict[int, list[int]], num_experts: dict[int, int] | int, **kw) -> "PruningPlan":
+        ne = num_experts if isinstance(num_experts, dict) else {li: num_experts for li in keep}
+        return cls(layers={li: LayerPlan(num_experts=ne[li], keep=tuple(v)) for li, v in keep.items()}, **kw)
