@@ -1,0 +1,186 @@
+"""NAEE expert pruning by enumeration ("Not All Experts are Equal", Lu et al., ACL 2024, arXiv 2402.14800).
+
+For each MoE layer every keep set ``K`` of size ``r`` (drop set of size ``E - r``) is scored on the cached
+calibration tokens: route them with only ``K`` available, reconstruct the routed output
+``Y'_t = sum_{j in topk'(t)} g'_{j,t} f_j(x_t)`` from ``recon_expert_out [T, E, H]`` and measure
+``||Y - Y'||_F`` (float64) against ``recon_target [T, H]``; the argmin is kept (the first keep set in
+lexicographic order on ties). The paper sums per-batch Frobenius norms; over one cache of tokens the
+argmin is the same.
+
+Routing simulation (``stats.meta["router"][l]`` and ``["n_group"][l]``), equal to pruning the router rows:
+``softmax`` routers take the softmax over the kept logits (dropped = -inf), ``sigmoid`` routers keep the
+kept experts' sigmoids, ``probs`` routers (already softmax probabilities) are renormalised over the kept
+set (= softmax of log p); group-limited routers first keep the ``topk_group`` best groups (group score:
+sum of the top-2 scores for sigmoid routers as in DeepSeek-V3, the maximum for softmax routers as in
+DeepSeek-V2); then top-k, ``renormalize``, ``scale``; ``gate_on_input`` routers (Llama-4) weigh outputs by 1
+(the gate is inside ``f``). Router columns beyond the E real experts (LongCat's zero experts) stay
+routable but add nothing to ``Y'``. Selection-only biases (``e_score_correction_bias``) are not in the
+stats, so biased routers are approximated: ``plan.meta["recon_fidelity"]`` holds, per layer,
+``||Y - Y'_all|| / ||Y||`` with every expert kept (0 when the simulation is exact) and a warning is logged
+above ``fidelity_tol``. Group-limited layers only enumerate group-balanced keep sets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from moeprune.methods.allocation import balanced_splits, build_plan, group_layout
+from moeprune.methods.registry import MethodConfig, register_method
+from moeprune.methods.target import layer_meta, layer_top_k
+
+if TYPE_CHECKING:
+    from moeprune.methods.target import Target
+    from moeprune.observe.stats import ExpertStats
+    from moeprune.plan import PruningPlan
+
+logger = logging.getLogger(__name__)
+
+
+def route(
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    top_k: int,
+    router: dict[str, Any],
+    groups: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Dense gate weights ``[T, E]`` of routing ``logits [T, E_router]`` with only ``keep`` (bool ``[E]``) on."""
+    E = keep.numel()
+    if logits.shape[1] > E:  # extra router columns (zero experts) are never pruned
+        keep = torch.cat([keep, keep.new_ones(logits.shape[1] - E)])
+    kind = router.get("score", "softmax")
+    lg = logits.double()
+    if kind == "probs":
+        lg, kind = lg.clamp_min(1e-300).log(), "softmax"
+    if kind == "softmax":
+        p = torch.softmax(lg.masked_fill(~keep, float("-inf")), dim=-1)  # [T, E_r], 0 on dropped experts
+    elif kind == "sigmoid":
+        p = torch.sigmoid(lg)
+    else:
+        raise ValueError(f"unknown router score {kind!r}; expected softmax, sigmoid or probs")
+    sel = p.masked_fill(~keep, float("-inf"))  # [T, E_r] selection scores
+    if groups is not None:
+        ng, tg = groups
+        g = sel[:, :E].reshape(sel.shape[0], ng, E // ng)  # [T, G, E/G]
+        gscore = g.topk(2, dim=-1).values.sum(-1) if kind == "sigmoid" and E // ng >= 2 else g.amax(-1)
+        chosen = torch.zeros_like(gscore, dtype=torch.bool).scatter(
+            1, gscore.topk(min(tg, ng), -1).indices, True
+        )
+        sel[:, :E] = sel[:, :E].masked_fill(~chosen.repeat_interleave(E // ng, dim=1), float("-inf"))
+    w, idx = sel.topk(top_k, dim=-1)  # [T, k]
+    if router.get("gate_on_input"):
+        w = torch.ones_like(w)
+    else:
+        if router.get("renormalize", True):
+            w = w / (w.sum(-1, keepdim=True) + (1e-20 if kind == "sigmoid" else 0.0))
+        w = w * float(router.get("scale", 1.0))
+    return torch.zeros_like(p).scatter(-1, idx, w)[:, :E]
+
+
+def reconstruction_loss_fn(stats: ExpertStats, layer: int):
+    """``keep -> ||Y - Y'_K||_F`` on the cached tokens of ``layer`` when only ``keep`` is routable."""
+    logits = stats.get(layer, "recon_logits").double()  # [T, E_router]
+    out = stats.get(layer, "recon_expert_out").double()  # [T, E, H]
+    target = stats.get(layer, "recon_target").double()  # [T, H]
+    top_k, router = layer_top_k(stats, layer), layer_meta(stats, "router", layer, {})
+    groups = group_layout(stats, layer)
+
+    def loss(keep) -> float:
+        mask = torch.zeros(out.shape[1], dtype=torch.bool)
+        mask[list(keep)] = True
+        w = route(logits, mask, top_k, router, groups)  # [T, E]
+        return float(torch.linalg.norm(target - torch.einsum("te,teh->th", w, out)))
+
+    return loss
+
+
+def keep_sets(E: int, r: int, groups: tuple[int, int] | None, top_k: int):
+    """All keep sets of size r (lexicographic); group-balanced ones only for group-limited routers."""
+    if groups is None:
+        yield from itertools.combinations(range(E), r)
+        return
+    ng, tg = groups
+    gsz = E // ng
+    for m, c in balanced_splits(E, ng, tg, top_k, r):
+        for gs in itertools.combinations(range(ng), m):
+            per_group = (itertools.combinations(range(g * gsz, (g + 1) * gsz), c) for g in gs)
+            for parts in itertools.product(*per_group):
+                yield tuple(e for p in parts for e in p)
+
+
+def n_keep_sets(E: int, r: int, groups: tuple[int, int] | None, top_k: int) -> int:
+    """How many keep sets ``keep_sets`` yields."""
+    if groups is None:
+        return math.comb(E, r)
+    ng, tg = groups
+    return sum(math.comb(ng, m) * math.comb(E // ng, c) ** m for m, c in balanced_splits(E, ng, tg, top_k, r))
+
+
+@register_method("naee")
+@dataclass(frozen=True)
+class NAEE(MethodConfig):
+    """Layer-wise exhaustive search of the keep set minimising the block-output reconstruction error."""
+
+    max_combinations: int = 5000
+    fidelity_tol: float = 1e-3
+    progress: bool = True
+
+    needs: ClassVar[tuple[str, ...]] = ("routed", "reconstruction")
+
+    def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
+        if target.allocation == "global":
+            raise ValueError(
+                "naee enumerates keep sets layer by layer with a fixed count; use allocation='uniform' "
+                "(or 'method'), or a scoring method (e.g. reap) for global allocation"
+            )
+        budget = target.resolve(stats)
+        keep, scores, losses, fidelity = {}, {}, {}, {}
+        for li in stats.moe_layers:
+            E, r, k = budget.num_experts[li], budget.uniform_keep[li], budget.top_k[li]
+            groups = group_layout(stats, li)
+            n = n_keep_sets(E, r, groups, k)
+            if n == 0:
+                raise ValueError(
+                    f"layer {li}: no group-balanced keep set of {r} experts exists; change the target"
+                )
+            if n > self.max_combinations:
+                raise ValueError(
+                    f"naee: layer {li} needs C({E}, {r}) = {n} reconstructions, above "
+                    f"max_combinations={self.max_combinations}; raise max_combinations or use a "
+                    "scoring method (reap, man, easyep) for models with many experts"
+                )
+            loss_fn = reconstruction_loss_fn(stats, li)
+            ynorm = float(torch.linalg.norm(stats.get(li, "recon_target").double()))
+            fidelity[str(li)] = loss_fn(range(E)) / max(ynorm, 1e-300)
+            if fidelity[str(li)] > self.fidelity_tol:
+                logger.warning(
+                    "naee layer %d: the routing simulation misses the observed routed output by %.3g (relative) "
+                    "with every expert kept (selection bias or an unsupported router); losses are approximate",
+                    li,
+                    fidelity[str(li)],
+                )
+            best, best_loss = None, math.inf
+            seen = torch.full((E,), math.inf, dtype=torch.float64)  # best loss of a keep set containing e
+            bar = tqdm(
+                keep_sets(E, r, groups, k), total=n, desc=f"naee layer {li}", disable=not self.progress
+            )
+            for ks in bar:
+                loss = loss_fn(ks)
+                idx = list(ks)
+                seen[idx] = torch.clamp(seen[idx], max=loss)
+                if loss < best_loss:
+                    best, best_loss = ks, loss
+            keep[li], losses[str(li)] = list(best), best_loss
+            # score = -(smallest loss of any keep set containing the expert): kept experts score highest
+            fin = seen[torch.isfinite(seen)]
+            scores[li] = -torch.where(torch.isfinite(seen), seen, fin.max() if fin.numel() else 0.0)
+        meta = {"allocation": "uniform", "recon_loss": losses, "recon_fidelity": fidelity}
+        return build_plan(
+            stats, keep, target, method=self.name, method_config=self.to_dict(), scores=scores, meta=meta
+        )

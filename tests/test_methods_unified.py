@@ -1,0 +1,89 @@
+"""S(b, alpha, beta) family: every named member on hand-computed numbers, errors, REAP guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _stats_factory import make_stats, routed_from_tokens
+
+import moeprune.methods.unified as U
+from moeprune.methods.registry import METHODS
+from moeprune.methods.target import Target
+
+# routed (g, ||f||) pairs per expert of layer 0; expert 2 is never routed
+TOKENS = [[(0.5, 2.0), (0.5, 4.0)], [(1.0, 1.0)], [], [(0.25, 8.0), (0.75, 2.0), (0.5, 2.0)]]
+# by hand: count [2,1,0,3]; sum g [1,1,0,1.5]; sum|f| [6,1,0,12]; sum|f|^2 [20,1,0,72];
+#          sum g|f| [3,1,0,4.5]; sum (g|f|)^2 [5,1,0,7.25]
+EXPECTED = {
+    "frequency": [2, 1, 0, 3],
+    "soft_frequency": [1, 1, 0, 1.5],
+    "ean": [6, 1, 0, 12],
+    "reap": [1.5, 1, 0, 1.5],
+    "man": [3, 1, 0, 4],
+    "msan": [10, 1, 0, 24],
+    "gated_ean_sum": [3, 1, 0, 4.5],
+    "squared_gated_sum": [5, 1, 0, 7.25],
+}
+
+
+def stats():
+    layer1 = routed_from_tokens([[(1.0, 1.0)]] * 4)  # flat layer
+    return make_stats({0: routed_from_tokens(TOKENS), 1: layer1}, top_k=1)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_named_members_by_hand(name):
+    assert name in METHODS
+    s = METHODS[name]().score(stats())
+    assert s[0].tolist() == pytest.approx(EXPECTED[name])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_named_equals_unified_triple(name):
+    cls = METHODS[name]
+    b, a, bt = cls.TRIPLE
+    assert U.Unified(b=b, alpha=a, beta=bt).score(stats())[0].tolist() == pytest.approx(EXPECTED[name])
+
+
+def test_fractional_b():
+    s = U.Unified(b=0.5, alpha=1, beta=1).score(stats())[0]
+    assert s.tolist() == pytest.approx([3 / math.sqrt(2), 1.0, 0.0, 4.5 / math.sqrt(3)])
+
+
+def test_unsupported_pairs_list_the_supported_ones():
+    for a, b in [(2, 1), (1, 2), (2, 0), (0.5, 1)]:
+        with pytest.raises(
+            ValueError, match=r"supported: \(alpha=0, beta=0\), \(alpha=1, beta=0\).*\(alpha=2, beta=2\)"
+        ):
+            U.Unified(b=1, alpha=a, beta=b)
+    with pytest.raises(ValueError, match="b=-1"):
+        U.Unified(b=-1, alpha=1, beta=1)
+
+
+def test_never_routed_expert_scores_zero_and_goes_first():
+    plan = U.MAN().plan(stats(), Target(expert_sparsity=0.25))
+    assert plan.keep()[0] == [0, 1, 3] and plan.layers[0].scores[2] == 0.0
+    assert plan.method == "man" and plan.method_config["name"] == "man"
+
+
+def test_reap_plan_ties_lower_id():
+    plan = U.REAP().plan(stats(), Target(expert_sparsity=0.5))
+    assert plan.keep() == {0: [0, 3], 1: [0, 1]}
+
+
+def test_super_expert_guard():
+    st = stats()
+    st.layers[0]["max_act"] = torch.tensor([1.0, 1.0, 1.0, 50.0], dtype=torch.float64)
+    st.layers[1]["max_act"] = torch.tensor([1.0, 1.0, 1.0, 60.0], dtype=torch.float64)
+    st.layers[0]["count"] = torch.tensor([2.0, 1.0, 5.0, 3.0], dtype=torch.float64)  # expert 3 not the best
+    # median of all max_act = 1, global max / 10 = 6 -> tau = 6; only the first int(2 * .75) = 1 layer guarded
+    m = U.super_expert_mask(st, quantile=0.5, layer_frac=0.75)
+    assert m[0].tolist() == [False, False, False, True] and not m[1].any()
+    plain = U.Frequency().plan(st, Target(expert_sparsity=0.75, min_keep=1))
+    guarded = U.Frequency(preserve_super_experts=True, guard_quantile=0.5).plan(
+        st, Target(expert_sparsity=0.75, min_keep=1)
+    )
+    assert plain.keep()[0] == [2] and guarded.keep()[0] == [3]
+    assert guarded.layers[0].scores[3] == math.inf
