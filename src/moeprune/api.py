@@ -1,0 +1,223 @@
+"""Python API: ``oneshot`` runs observe -> plan -> apply -> evaluate -> report in one call.
+
+```python
+from moeprune import oneshot
+res = oneshot("Qwen/Qwen3-30B-A3B", dataset="calib.jsonl", recipe="reap", sparsity=0.5, output_dir="out")
+res.model, res.plan, res.eval
+```
+Each stage is also a function of its own (``calibrate``, ``plan_from_stats``, ``evaluate``) used by the CLI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeprune.methods.registry import MethodConfig
+from moeprune.observe.stats import ExpertStats
+from moeprune.plan import PruningPlan
+from moeprune.recipe import CalibrationConfig, EvalConfig, Recipe
+
+log = logging.getLogger("moeprune")
+
+
+@dataclass
+class OneshotResult:
+    model: Any
+    tokenizer: Any
+    plan: PruningPlan
+    stats: ExpertStats
+    eval: dict[str, Any] = field(default_factory=dict)
+    output_dir: str | None = None
+
+
+def resolve_recipe(recipe: Recipe | MethodConfig | str | os.PathLike | dict | None) -> tuple[Recipe, MethodConfig]:
+    """A recipe from: None (defaults), a Recipe, a dict, a YAML path, a method name, or a method config."""
+    if recipe is None:
+        r = Recipe()
+    elif isinstance(recipe, Recipe):
+        r = recipe
+    elif isinstance(recipe, dict):
+        r = Recipe.model_validate(recipe)
+    elif isinstance(recipe, MethodConfig):
+        d = recipe.to_dict()
+        return Recipe(method=d), recipe
+    elif str(recipe).endswith((".yaml", ".yml")):
+        r = Recipe.load(recipe)
+    else:
+        r = Recipe(method={"name": str(recipe)})
+    return r, r.method.build()
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def calibration_batches(tokenizer, cfg: CalibrationConfig) -> tuple[list[dict], dict[str, Any]]:
+    """Token batches and their description from a calibration config (built-in corpora, files, HF
+    datasets; ``select: kmeans`` picks MoE Pathfinder's k-means representatives, one text per sample)."""
+    from moeprune.builtin_text import BUILTINS, builtin_texts
+    from moeprune.observe import build_batches, load_calibration, load_texts, select_representatives
+    from moeprune.observe.data import batches_hash
+
+    source = builtin_texts(cfg.dataset) if cfg.dataset in BUILTINS else cfg.dataset
+    if cfg.select == "kmeans":
+        texts, kind = load_texts(source, split=cfg.split, text_column=cfg.text_column, tokenizer=tokenizer)
+        picks = select_representatives(texts, cfg.num_samples, seed=cfg.seed, tokenizer=tokenizer)
+        chosen = [texts[i[0]] for i in picks]
+        batches = build_batches(chosen, tokenizer, num_samples=len(chosen), seq_len=cfg.seq_len,
+                                batch_size=cfg.batch_size, packing=False, seed=cfg.seed)
+        meta = {"source": cfg.dataset, "format": kind, "select": "kmeans", "num_samples": len(chosen),
+                "seq_len": cfg.seq_len, "seed": cfg.seed, "hash": batches_hash(batches)}
+        return batches, meta
+    cal = load_calibration(source, tokenizer, num_samples=cfg.num_samples, seq_len=cfg.seq_len,
+                           batch_size=cfg.batch_size, split=cfg.split, text_column=cfg.text_column,
+                           packing=cfg.packing, seed=cfg.seed)
+    cal.meta["source"] = cfg.dataset
+    return cal.batches, cal.meta
+
+
+def calibrate(model, tokenizer, cfg: CalibrationConfig, features: tuple[str, ...], *,
+              stats_dir: str | None = None, progress: bool = True) -> ExpertStats:
+    """Tokenise the calibration data and run one observation pass collecting ``features``."""
+    from moeprune.observe import observe, observe_layerwise
+
+    batches, data_info = calibration_batches(tokenizer, cfg)
+    if cfg.layerwise:
+        work = os.path.join(stats_dir, "layerwise-work") if stats_dir else None
+        stats = observe_layerwise(model, batches, features=features, checkpoint_dir=work, progress=progress,
+                                  data=data_info)
+    else:
+        stats = observe(model, batches, features=features, progress=progress, data=data_info)
+    if stats_dir:
+        stats.save(stats_dir)
+    return stats
+
+
+def eval_text(cfg: EvalConfig) -> str | list[str] | None:
+    if cfg.perplexity is None:
+        return None
+    from moeprune.builtin_text import BUILTINS, builtin_texts
+
+    return builtin_texts(cfg.perplexity, max_chars=4 * (cfg.max_tokens or 10**6) + 1000) \
+        if cfg.perplexity in BUILTINS else cfg.perplexity
+
+
+def measure(model, tokenizer, cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Perplexity on the held-out text and lm-eval task results of one model."""
+    from moeprune.evaluate.perplexity import perplexity
+
+    res: dict[str, Any] = {}
+    text = eval_text(cfg)
+    if text is not None:
+        res.update(perplexity(model, tokenizer, text, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
+                              progress=progress))
+    if cfg.lm_eval_tasks:
+        from moeprune.evaluate.lmeval import run_lm_eval
+
+        res["lm_eval"] = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, include_path=cfg.lm_eval_include_path,
+                                     limit=cfg.lm_eval_limit)["results"]
+    return res
+
+
+def kl_to_original(model, tokenizer, cfg: EvalConfig, *, plan: PruningPlan | None = None, pruned: Any = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """KL(original || pruned) per token on the held-out text. Without a second model, the pruned model
+    is simulated by router masking of ``model`` (exactly equal to structural pruning, see the tests),
+    so no second copy of the weights is needed."""
+    from moeprune.apply import mask_experts
+    from moeprune.evaluate.kl import kl_divergence
+    from moeprune.evaluate.perplexity import iter_batches, token_stream
+
+    text = eval_text(cfg)
+    if text is None or not cfg.kl:
+        return {}
+    ids = token_stream(text, tokenizer, max_tokens=cfg.max_tokens)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_batches(ids, cfg.seq_len, None, 4,
+                                                                                         pad_id=pad)]
+    if pruned is None and plan is None:
+        raise ValueError("kl_to_original needs the pruned model or the plan")
+    res = kl_divergence(model, batches, candidate=pruned,
+                        context=(lambda: mask_experts(model, plan)) if pruned is None else None, progress=progress)
+    return {"kl": res["kl"], "kl_max": res["kl_max"], "top1_agreement": res["top1_agreement"],
+            "kl_tokens": res["tokens"], "kl_via": "router_masking" if pruned is None else "two_models"}
+
+
+def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
+            recipe: Recipe | MethodConfig | str | os.PathLike | dict | None = None, *,
+            sparsity: float | None = None, output_dir: str | os.PathLike | None = None, tokenizer: Any = None,
+            overwrite: bool = False, progress: bool = True) -> OneshotResult:
+    """Prune ``model`` in one shot: observe calibration data, plan with the recipe's method, apply
+    the plan in place, evaluate, and (with ``output_dir``) save model, stats, plan, results and report.
+
+    ``model``: hub id, folder, ``tiny:<model_type>`` or a loaded model (then pass ``tokenizer``).
+    ``recipe``: a ``Recipe``, YAML path, method name (``"reap"``) or method config (``REAP()``).
+    ``sparsity`` overrides the recipe's target with an expert sparsity."""
+    from moeprune.apply import apply_plan, save_pruned
+    from moeprune.models import load_model
+
+    r, method = resolve_recipe(recipe)
+    updates: dict[str, Any] = {}
+    if dataset is not None:
+        updates["calibration"] = r.calibration.model_copy(update={"dataset": str(dataset)})
+    if sparsity is not None:
+        updates["target"] = r.target.model_copy(update={"expert_sparsity": sparsity, "param_ratio": None,
+                                                         "memory_gb": None})
+    if not isinstance(model, str):
+        updates["model"] = getattr(model, "name_or_path", None) or "<in-memory model>"
+    else:
+        updates["model"] = model
+    r = r.model_copy(update=updates)
+    out = os.fspath(output_dir) if output_dir is not None else None
+    if out is not None:
+        if os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise FileExistsError(f"output folder {out} is not empty; choose another or pass overwrite=True")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "recipe.yaml"), "w") as f:
+            f.write(r.dump())
+    torch.manual_seed(r.seed)
+    t0 = time.time()
+    m, tok = load_model(model, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
+    tok = tokenizer or tok
+    if tok is None:
+        raise ValueError("no tokenizer: pass tokenizer=... (the model folder has none)")
+    stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
+                      stats_dir=os.path.join(out, "stats") if out else None)
+    plan = method.plan(stats, r.target.build())
+    if out:
+        plan.save(os.path.join(out, "plan.json"))
+    results: dict[str, Any] = {}
+    if _has_eval(r.eval):
+        results["original"] = measure(m, tok, r.eval, progress=progress)
+        kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress)
+    apply_plan(m, plan)
+    if _has_eval(r.eval):
+        results["pruned"] = {**measure(m, tok, r.eval, progress=progress), **kl,
+                             "method": plan.method, "expert_sparsity": plan.expert_sparsity()}
+    timings = {"seconds": round(time.time() - t0, 2)}
+    if out:
+        if r.apply.save:
+            save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok, max_shard_size=r.apply.max_shard_size)
+        if results:
+            _write_json(os.path.join(out, "eval.json"), {**results, **timings})
+        if r.report:
+            from moeprune.report import make_report
+
+            make_report(out)
+        from moeprune.card import write_model_card
+
+        write_model_card(out, r, plan, results)
+    return OneshotResult(model=m, tokenizer=tok, plan=plan, stats=stats, eval=results, output_dir=out)
+
+
+def _has_eval(cfg: EvalConfig) -> bool:
+    return cfg.perplexity is not None or bool(cfg.lm_eval_tasks)
