@@ -10,13 +10,13 @@ and one ``experts`` module with fused 3-D tensors ``gate_up_proj [E,2I,H]``, ``d
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
-               "num_routed_experts", "total_experts")
+               "num_routed_experts", "total_experts", "n_total_experts")
 TOPK_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "moe_top_k")
 INTER_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_hidden_size", "ffn_dim",
                "expert_ffn_hidden_size")
@@ -86,11 +86,18 @@ def num_experts_of(block: nn.Module) -> int:
 
 
 def current_top_k(block: nn.Module) -> int | None:
-    for m in (get_router(block), block):
+    """Top-k of a block: module attributes first, then the router's config (Gemma4 reads
+    ``config.top_k_experts`` at every forward, so it is a global that cannot vary per layer)."""
+    router = get_router(block)
+    for m in (router, block):
         for a in TOPK_ATTRS:
             v = getattr(m, a, None)
             if isinstance(v, int) and not isinstance(v, bool):
                 return v
+    for m in (router, block):
+        v = getattr(getattr(m, "config", None), "top_k_experts", None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
     return None
 
 

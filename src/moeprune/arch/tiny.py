@@ -9,6 +9,16 @@ from __future__ import annotations
 import torch
 import transformers
 
+from moeprune.arch.structure import (
+    current_top_k,
+    get_router,
+    group_info,
+    intermediate_size_of,
+    iter_moe_blocks,
+    num_experts_of,
+)
+from moeprune.plan import LayerPlan, PruningPlan
+
 H, E, K, INTER = 64, 8, 2, 32
 COMMON = dict(hidden_size=H, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
               max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
@@ -86,16 +96,95 @@ def tiny_config(arch: str, *, num_experts: int = E, top_k: int = K) -> transform
                                        num_experts=n, num_experts_per_tok=k, num_dense_layers=1),
         "hy_v3": lambda: T.HYV3Config(**c, head_dim=16, intermediate_size=96, moe_intermediate_size=i,
                                       num_experts=n, num_experts_per_tok=k),
+        **_extra_builders(n, k, i),
     }
     if arch not in builders:
         raise ValueError(f"no tiny config for model_type {arch!r}; known: {sorted(builders)}")
     return builders[arch]()
 
 
+def _extra_builders(n: int, k: int, i: int) -> dict:
+    """Families beyond the core set (layer-type lists sized for 3 layers; sliding windows of 16)."""
+    T, c = transformers, COMMON
+    sw = {"sliding_window": 16}
+    lt3 = ["sliding_attention", "sliding_attention", "full_attention"]
+    mla = _mla()
+    return {
+        "gemma4_text": lambda: T.Gemma4TextConfig(**c, **sw, head_dim=16, intermediate_size=96, enable_moe_block=True,
+                                                  num_experts=n, top_k_experts=k, moe_intermediate_size=i,
+                                                  vocab_size_per_layer_input=256, hidden_size_per_layer_input=16,
+                                                  layer_types=lt3),
+        "lfm2_moe": lambda: T.Lfm2MoeConfig(**c, intermediate_size=96, moe_intermediate_size=i, num_experts=n,
+                                            num_experts_per_tok=k, num_dense_layers=1,
+                                            layer_types=["full_attention", "conv", "full_attention"]),
+        "nemotron_h": lambda: T.NemotronHConfig(
+            **{a: b for a, b in c.items() if a != "num_hidden_layers"}, head_dim=16,
+            layers_block_type=["moe", "full_attention", "moe"], intermediate_size=96, n_routed_experts=n,
+            num_experts_per_tok=k, moe_intermediate_size=i, moe_shared_expert_intermediate_size=48,
+            mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16),
+        "kolibri1": lambda: T.Kolibri1Config(**c, **sw, head_dim=16, moe_intermediate_size=i,
+                                             shared_expert_intermediate_size=48, num_local_experts=n,
+                                             num_experts_per_tok=k, layer_types=lt3),
+        "laguna": lambda: T.LagunaConfig(**c, head_dim=16, intermediate_size=96, moe_intermediate_size=i,
+                                         shared_expert_intermediate_size=48, num_experts=n, num_experts_per_tok=k,
+                                         moe_routed_scaling_factor=2.0, layer_types=["full_attention"] * 3, mlp_layer_types=["dense", "sparse", "sparse"],
+                                         num_attention_heads_per_layer=[4, 4, 4]),
+        "mellum": lambda: T.MellumConfig(**c, head_dim=16, intermediate_size=96, moe_intermediate_size=i,
+                                         num_local_experts=n, num_experts_per_tok=k, layer_types=["full_attention"] * 3,
+                                         mlp_layer_types=["sparse"] * 3),
+        "cohere2_moe": lambda: T.Cohere2MoeConfig(**c, **sw, head_dim=16, intermediate_size=i, num_experts=n,
+                                                  num_experts_per_tok=k, layer_types=lt3, mlp_layer_types=["sparse"] * 3),
+        "exaone_moe": lambda: T.ExaoneMoeConfig(**c, **sw, head_dim=16, intermediate_size=96, moe_intermediate_size=i,
+                                                num_experts=n, num_experts_per_tok=k, first_k_dense_replace=1,
+                                                layer_types=lt3, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "mimo_v2_flash": lambda: T.MiMoV2FlashConfig(**c, **sw, head_dim=16, v_head_dim=16, intermediate_size=96,
+                                                     moe_intermediate_size=i, n_routed_experts=n, num_experts_per_tok=k,
+                                                     layer_types=["full_attention", "sliding_attention", "full_attention"],
+                                                     mlp_layer_types=["dense", "sparse", "sparse"]),
+        "inkling_text": lambda: T.InklingTextConfig(**c, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                                                    swa_head_dim=16, intermediate_size=96, moe_intermediate_size=i,
+                                                    n_routed_experts=n, num_experts_per_tok=k, n_shared_experts=1,
+                                                    layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+                                                    mlp_layer_types=["sparse"] * 3),
+        "solar_open": lambda: T.SolarOpenConfig(**c, head_dim=16, moe_intermediate_size=i, n_routed_experts=n,
+                                                num_experts_per_tok=k),
+        "aria_text": lambda: T.AriaTextConfig(**c, head_dim=16, intermediate_size=i, moe_num_experts=n, moe_topk=k,
+                                              moe_num_shared_experts=1),
+        "minimax_m3_vl_text": lambda: T.MiniMaxM3VLTextConfig(
+            **c, head_dim=16, intermediate_size=i, num_local_experts=n, num_experts_per_tok=k, dense_intermediate_size=96,
+            shared_intermediate_size=48, mlp_layer_types=["sparse"] * 3, layer_types=["full_attention"] * 3,
+            index_n_heads=2, index_head_dim=16),
+        "beam": lambda: T.BeamConfig(**c, **sw, head_dim=16, intermediate_size=96, moe_intermediate_size=i, num_experts=n,
+                                     num_experts_per_tok=k, n_group=2, topk_group=1, layer_types=lt3,
+                                     mlp_layer_types=["dense", "sparse", "sparse"]),
+        "hy_v4": lambda: T.HYV4Config(**c, **{a: b for a, b in mla.items() if a != "kv_lora_rank"}, kv_lora_rank=16,
+                                      head_dim=16, intermediate_size=96, moe_intermediate_size=i, n_routed_experts=n,
+                                      num_experts_per_tok=k, index_topk=16, index_head_dim=16, index_n_heads=2,
+                                      mlp_layer_types=["dense", "sparse", "sparse"], layer_types=["indexed_attention"] * 3,
+                                      indexer_types=["full", "shared", "full"]),
+        "qwen3_5_moe_text": lambda: T.Qwen3_5MoeTextConfig(
+            **c, head_dim=16, moe_intermediate_size=i, shared_expert_intermediate_size=48, num_experts=n,
+            num_experts_per_tok=k, layer_types=["linear_attention", "full_attention", "full_attention"],
+            linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+        "glm4_moe_lite": lambda: T.Glm4MoeLiteConfig(**c, **mla, intermediate_size=96, moe_intermediate_size=i,
+                                                     n_routed_experts=n, num_experts_per_tok=k,
+                                                     mlp_layer_types=["dense", "sparse", "sparse"]),
+        "axk1": lambda: T.AXK1Config(**c, **mla, head_dim=8, intermediate_size=96, moe_intermediate_size=i,
+                                     n_routed_experts=n, num_experts_per_tok=k, n_group=2, topk_group=1,
+                                     mlp_layer_types=["dense", "sparse", "sparse"]),
+    }
+
+
 TINY_ARCHS: tuple[str, ...] = ("mixtral", "minimax", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo",
                                "phimoe", "gpt_oss", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1",
                                "ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "granitemoe", "granitemoeshared",
                                "jetmoe", "dbrx", "llama4_text", "longcat_flash", "afmoe", "hy_v3")
+# Further families (same tiny sizes); kept out of TINY_ARCHS so existing parametrised suites stay fast.
+EXTRA_TINY_ARCHS: tuple[str, ...] = ("gemma4_text", "lfm2_moe", "nemotron_h", "kolibri1", "laguna", "mellum",
+                                     "cohere2_moe", "exaone_moe", "mimo_v2_flash", "inkling_text", "solar_open",
+                                     "aria_text", "minimax_m3_vl_text", "beam", "hy_v4", "axk1", "qwen3_5_moe_text",
+                                     "glm4_moe_lite")
+ALL_TINY_ARCHS: tuple[str, ...] = TINY_ARCHS + EXTRA_TINY_ARCHS
 
 
 def rerandomize_(model: torch.nn.Module, seed: int = 1, scale: float = 0.15) -> torch.nn.Module:
@@ -121,3 +210,30 @@ def tiny_model(arch: str = "qwen3_moe", *, num_experts: int = E, top_k: int = K,
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     return rerandomize_(model, seed=seed + 1).to(dtype)
+
+
+def example_plan(model: torch.nn.Module, *, seed: int = 0, uniform: bool = False,
+                 neurons: bool = False) -> PruningPlan:
+    """A deterministic plan for ``model`` (tests, demo): non-uniform kept counts (6/5/4/3 of 8 by
+    layer), balanced across router groups for group-limited routers (3 then 2 per group of 4), or
+    ``uniform`` (E-2 everywhere, one per group); ``neurons`` adds ragged channel keeps per kept expert
+    (original ids)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for j, (li, _, block) in enumerate(iter_moe_blocks(model)):
+        n, (ng, _tg) = num_experts_of(block), group_info(block)
+        grouped = ng > 1 and getattr(get_router(block), "topk_method", "") != "greedy"
+        if grouped:
+            size = n // ng
+            per = size - 1 if uniform else max(2, size - 1 - j % 2)
+            keep = [q * size + e for q in range(ng) for e in torch.randperm(size, generator=g)[:per].tolist()]
+        else:
+            count = n - 2 if uniform else max(current_top_k(block) or 1, [6, 5, 4, 3][j % 4] * n // 8)
+            keep = torch.randperm(n, generator=g)[:count].tolist()
+        chans = None
+        if neurons:
+            inter = intermediate_size_of(block)
+            chans = {e: torch.randperm(inter, generator=g)[: inter * 3 // 4 - 3 * (i % 3) - 4 * (j % 2)].tolist()
+                     for i, e in enumerate(sorted(keep))}
+        layers[li] = LayerPlan(num_experts=n, keep=tuple(keep), neurons=chans)
+    return PruningPlan(layers=layers, method="example", model_type=model.config.model_type)
