@@ -1,0 +1,144 @@
+"""Quality benchmark: every method on the toy MoE trained here on real offline text.
+
+One calibration pass (all feature groups) over the calibration split of 5 domains, then every
+registered method plans at each sparsity from the same saved statistics, and each plan is evaluated
+by per-domain test perplexity (macro average) with the plan simulated by router masking (exactly
+equal to structural pruning, see tests/test_apply_*). Random is run over several seeds.
+
+    python -m benchmarks.toy_moe.train          # once (about 10 minutes on 2 cores)
+    python benchmarks/bench_quality.py          # prints the table, writes benchmarks/results/quality.*
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.toy_moe.corpus import chunk_text, load_splits, split_documents  # noqa: E402
+from benchmarks.toy_moe.model import domain_perplexity, load_toy_model  # noqa: E402
+from moeprune.apply import mask_experts  # noqa: E402
+from moeprune.methods import Target, get_method  # noqa: E402
+from moeprune.observe import ExpertStats, build_batches, observe  # noqa: E402
+
+# (label, method name, options, budget kind): "experts" -> expert_sparsity=s, "params" -> param_ratio=1-s
+METHODS = [
+    ("frequency", "frequency", {}, "experts"),
+    ("soft_frequency", "soft_frequency", {}, "experts"),
+    ("ean", "ean", {}, "experts"),
+    ("reap", "reap", {}, "experts"),
+    ("man", "man", {}, "experts"),
+    ("msan", "msan", {}, "experts"),
+    ("S(0,1,1)", "gated_ean_sum", {}, "experts"),
+    ("S(0,2,2)", "squared_gated_sum", {}, "experts"),
+    ("easyep", "easyep", {}, "experts"),
+    ("naee", "naee", {"max_combinations": 20000}, "experts"),
+    ("cprune", "cprune", {}, "experts"),
+    ("pathfinder", "pathfinder", {}, "experts"),
+    ("pathfinder_coroute", "pathfinder_coroute", {}, "experts"),
+    ("tenp (params)", "tenp", {}, "params"),
+]
+
+
+def calibration(splits: dict[str, dict[str, str]], tok, per_domain: int, seq_len: int) -> list[dict]:
+    """``per_domain`` packed rows of ``seq_len`` tokens from each domain's calibration split."""
+    batches = []
+    for d in sorted(splits):
+        docs = [c for doc in split_documents(splits[d]["calib"]) for c in chunk_text(doc, 4000)]
+        batches += build_batches(docs, tok, num_samples=per_domain, seq_len=seq_len, batch_size=per_domain, seed=0)
+    return batches
+
+
+def macro_ppl(model, tok, splits, test_tokens: int) -> dict[str, float]:
+    ppl = {d: domain_perplexity(model, tok, splits[d]["test"], max_tokens=test_tokens) for d in sorted(splits)}
+    ppl["macro"] = statistics.geometric_mean([ppl[d] for d in sorted(splits)])  # as the toy recipe reports
+    return ppl
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy-dir", default=None)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--random-seeds", type=int, default=8)
+    p.add_argument("--per-domain", type=int, default=16, help="calibration rows per domain")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--test-tokens", type=int, default=16384, help="test tokens per domain")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of method labels")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    splits = load_splits(a.toy_dir, build=False)
+    model, tok = load_toy_model(a.toy_dir)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    stats_dir = a.out + "-stats"
+    t0 = time.time()
+    if os.path.isfile(os.path.join(stats_dir, "stats.json")):
+        stats = ExpertStats.load(stats_dir)
+    else:
+        needs = sorted({g for _, name, _, _ in METHODS for g in get_method(name).needs})
+        batches = calibration(splits, tok, a.per_domain, a.seq_len)
+        stats = observe(model, batches, features=needs, data={"source": "toy-moe calib splits"})
+        stats.save(stats_dir)
+    print(f"calibration statistics: {time.time() - t0:.1f}s ({', '.join(stats.meta.get('features', []))})")
+    rows = [{"method": "unpruned", "sparsity": 0.0, **macro_ppl(model, tok, splits, a.test_tokens)}]
+    print(f"unpruned macro ppl {rows[0]['macro']:.2f}")
+    methods = [m for m in METHODS if a.methods is None or m[0] in a.methods]
+    for s in a.sparsities:
+        for label, name, opts, kind in methods:
+            t = time.time()
+            target = Target(expert_sparsity=s) if kind == "experts" else Target(param_ratio=1.0 - s)
+            try:
+                plan = get_method(name, **opts).plan(stats, target)
+            except (ValueError, NotImplementedError) as e:
+                print(f"{label:20s} s={s:.2f}  skipped: {e}")
+                rows.append({"method": label, "sparsity": s, "error": str(e)})
+                continue
+            with mask_experts(model, plan):
+                ppl = macro_ppl(model, tok, splits, a.test_tokens)
+            rows.append({"method": label, "sparsity": s, "kept": plan.kept_counts(), **ppl,
+                         "plan_seconds": round(time.time() - t, 2)})
+            print(f"{label:20s} s={s:.2f}  macro ppl {ppl['macro']:8.2f}  kept {plan.kept_counts()}")
+        rand = []
+        for seed in range(a.random_seeds):
+            plan = get_method("random", seed=seed).plan(stats, Target(expert_sparsity=s))
+            with mask_experts(model, plan):
+                rand.append(macro_ppl(model, tok, splits, a.test_tokens))
+        ms = [r["macro"] for r in rand]
+        rows.append({"method": f"random x{len(ms)}", "sparsity": s, "macro": statistics.fmean(ms),
+                     "macro_sd": statistics.stdev(ms) if len(ms) > 1 else 0.0, "macro_min": min(ms),
+                     **{d: statistics.fmean(r[d] for r in rand) for d in sorted(splits)}})
+        print(f"{'random':20s} s={s:.2f}  macro ppl {rows[-1]['macro']:8.2f} +- {rows[-1]['macro_sd']:.2f}")
+    with open(a.out + ".jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    md = to_markdown(rows, sorted(splits))
+    with open(a.out + ".md", "w") as f:
+        f.write(md)
+    print("\n" + md)
+    print(f"total {time.time() - t0:.0f}s; results in {a.out}.jsonl / .md")
+
+
+def to_markdown(rows: list[dict], domains: list[str]) -> str:
+    head = "| method | sparsity | macro ppl | " + " | ".join(domains) + " |"
+    lines = [head, "|" + "---|" * (3 + len(domains))]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['sparsity']:.0%} | n/a: {r['error'][:60]} |" + " |" * len(domains))
+            continue
+        macro = f"{r['macro']:.1f}" + (f" ± {r['macro_sd']:.1f}" if "macro_sd" in r else "")
+        cells = " | ".join(f"{r[d]:.1f}" if isinstance(r.get(d), float) and math.isfinite(r[d]) else "-"
+                           for d in domains)
+        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {macro} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
