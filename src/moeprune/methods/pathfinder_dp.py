@@ -10,15 +10,17 @@ Paths are ranked by weight (descending), ties by the lexicographically smaller n
 Per layer, every node keeps its ``m`` best prefixes (the bounded priority lists of the reference
 code), sorted. A merge step builds, for every next node ``j``, the candidates ``H[i, k] + W[i, j]``
 from the ``[n_l, m]`` lists and the ``[n_l, n_{l+1}]`` edge block. It never materialises all
-``n_l * m * n_{l+1}`` candidates: the ``m``-th best of the first ``ceil(m / n_l)`` entries of every
-row is a lower bound on node ``j``'s ``m``-th best candidate, and ``searchsorted`` on the sorted rows
-counts how many entries of each row can still reach it; only those are gathered. A "hub" layer of one
+``n_l * m * n_{l+1}`` candidates: a few entries per sorted row (positions ``0..c-1``, then doubling)
+give a lower bound on node ``j``'s ``m``-th best candidate (``_lower_bound``), ``searchsorted`` on
+the rows counts how many entries of each row can still reach it, and only those (about ``2m + n_l``
+per node) are gathered. A "hub" layer of one
 node (the router node between two expert layers of Pathfinder's factorised graph) makes a step cost
 ``O(n m)``; a dense ``E x E`` co-routing block costs about ``O(E (m + E))`` per step in practice.
 Exact ties are resolved by lexicographic ranks, computed lazily (only when a tie occurs).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +38,30 @@ class _Lists:
     parent: torch.Tensor  # [n, w] int64: flat index into the previous layer's [n_prev * w_prev]
     # (meaningless where val is -inf)
     rank: torch.Tensor | None = field(default=None)  # [n, w] int64 lexicographic rank, filled lazily
+
+
+def _lower_bound(H: torch.Tensor, W: torch.Tensor, m: int) -> torch.Tensor:
+    """Per node ``j``, a value ``<=`` its ``m``-th best candidate ``H[i, k] + W[i, j]``, tight within ~2x.
+
+    Row ``i`` is sampled at positions ``0..c-1`` then ``2c-1, 4c-1, ..`` (and ``w-1``); a sample at
+    position ``q`` proves ``q + 1`` candidates of that row at least as good, so the best value whose
+    proven count reaches ``m`` is a valid bound, and at most ~``2m + P`` candidates lie above it."""
+    P, w = H.shape
+    Q = W.shape[1]
+    c = min(w, -(-m // P))
+    pos = list(range(c))
+    while pos[-1] < w - 1:
+        pos.append(min(2 * pos[-1] + 1, w - 1))
+    pos_t = torch.tensor(pos)
+    inc = torch.diff(pos_t, prepend=torch.tensor([-1]))  # [S] candidates proven by each sample
+    S = len(pos)
+    samp = (H[:, pos_t, None] + W[:, None, :]).reshape(P * S, Q).T  # [Q, P*S]
+    # every sample proves >= 1 candidate, so the crossing lies among the m best samples
+    vals, idx = samp.topk(min(m, P * S), dim=1, sorted=True)
+    proven = inc.repeat(P)[idx].cumsum(1)  # [Q, P*S]
+    first = (proven < m).sum(1).clamp_max(vals.shape[1] - 1)  # first sample whose proven count reaches m
+    lb = vals.gather(1, first.unsqueeze(1)).squeeze(1)
+    return torch.where(proven[:, -1] >= m, lb, torch.full_like(lb, NEG))
 
 
 class _DP:
@@ -70,33 +96,29 @@ class _DP:
         """Extend every stored prefix of the last layer along the edge block ``W [P, Q]``."""
         H = self.layers[-1].val  # [P, w]
         P, w = H.shape
-        Q, m = W.shape[1], self.m
         if P == 1:
             # fan-out of one node: node j's candidates H[0, k] + W[0, j] are already sorted by value
             # (adding a constant keeps the order; only rounding can create ties, fixed in _select)
             V = H[0].unsqueeze(0) + W[0].unsqueeze(1)  # [Q, w]
             val, parent = self._select(V, None, w)
         else:
-            V, F = self._gather(H, W, m)
-            val, parent = self._select(V, F, min(m, V.shape[1]))
+            V, F = self._gather(H, W, self.m)
+            val, parent = self._select(V, F, min(self.m, V.shape[1]))
         self.layers.append(_Lists(val, parent))
 
     @staticmethod
     def _gather(H: torch.Tensor, W: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates of each node ``j`` that can be in its top-m, as padded ``[Q, K]`` (values, flat parents)."""
+        """Candidates of each node ``j`` that may be in its top-m: padded ``[Q, K]`` values, flat parents."""
         P, w = H.shape
         Q = W.shape[1]
-        c = min(w, -(-m // P))
-        if P * c >= m:  # lower bound on node j's m-th best: the m-th best of the first c entries per row
-            sub = (H[:, :c, None] + W[:, None, :]).reshape(P * c, Q).T  # [Q, P*c]
-            lb = sub.kthvalue(P * c - m + 1, dim=1).values  # [Q]
-        else:
-            lb = torch.full((Q,), NEG, dtype=H.dtype)
+        lb = _lower_bound(H, W, m)  # [Q]
         thr = lb.unsqueeze(0) - W  # [P, Q]: row i can help node j only with H[i, k] >= thr
         fin = torch.isfinite(thr)
         thr = torch.where(fin, thr - _REL * (1.0 + thr.abs() + W.abs().masked_fill(~fin, 0.0)), thr)
-        n = torch.searchsorted((-H).contiguous(), (-thr).contiguous(), right=True)  # [P, Q]
-        n = torch.minimum(n, torch.isfinite(H).sum(1, keepdim=True))
+        neg_h = (-H).contiguous()  # ascending rows, +inf tail for empty slots
+        n = torch.searchsorted(neg_h, (-thr).contiguous(), right=True)  # [P, Q]
+        n_fin = torch.searchsorted(neg_h, torch.full((P, 1), float("inf"), dtype=H.dtype))  # finite per row
+        n = torch.minimum(n, n_fin)
         n = n.masked_fill((W == NEG) | torch.isnan(thr), 0)
         cnt = n.T.reshape(-1)  # [Q*P] in (j, i) order
         tot = int(cnt.sum())
@@ -169,15 +191,33 @@ def topm_paths(source: torch.Tensor, edges: list[torch.Tensor], sink: torch.Tens
             raise ValueError(f"edges[{li}] has shape {tuple(e.shape)}, expected [{dims[li]}, n_{li + 1}]")
     if sink.numel() != dims[-1]:
         raise ValueError(f"sink has {sink.numel()} entries, expected {dims[-1]} (nodes of the last layer)")
-    for name, t in [("source", source), ("sink", sink)] + [(f"edges[{i}]", e) for i, e in enumerate(edges)]:
-        if bool((torch.isnan(t) | (t == float("inf"))).any()):
-            raise ValueError(f"{name} holds NaN or +inf; log-weights must be finite or -inf (= absent)")
-    dp = _DP(int(m))
-    dp.step(source.to(torch.float64).reshape(1, -1))
-    for e in edges:
-        dp.step(e.to(torch.float64))
-    dp.step(sink.to(torch.float64).reshape(-1, 1))
-    return dp.paths()
+    with one_thread():
+        named = [("source", source), ("sink", sink)] + [(f"edges[{i}]", e) for i, e in enumerate(edges)]
+        for name, t in named:
+            if bool((torch.isnan(t) | (t == float("inf"))).any()):
+                raise ValueError(f"{name} holds NaN or +inf; log-weights must be finite or -inf (= absent)")
+        dp = _DP(int(m))
+        dp.step(source.to(torch.float64).reshape(1, -1))
+        for e in edges:
+            dp.step(e.to(torch.float64))
+        dp.step(sink.to(torch.float64).reshape(-1, 1))
+        return dp.paths()
+
+
+@contextmanager
+def one_thread():
+    """Run on one intra-op thread: the DP's tensors are small (~E*m), and on a busy machine extra
+    threads spin in barriers (measured 12x slower with 2 threads on 2 shared cores). Restores the
+    caller's setting; a no-op when already single-threaded (nested use)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def unique_paths(source: torch.Tensor, edges: list[torch.Tensor], sink: torch.Tensor, m: int,

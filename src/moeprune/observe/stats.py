@@ -95,7 +95,8 @@ class ExpertStats:
         return sorted(self.layers)
 
     def num_experts(self, layer: int) -> int:
-        return int(self.meta.get("num_experts", {}).get(str(layer), self.layers[layer]["count"].numel()))
+        n = (self.meta.get("num_experts") or {}).get(str(layer))
+        return int(n) if n is not None else int(self.get(layer, "count").numel())
 
     # ---- merging (data-parallel ranks, data shards)
     def merge(self, other: "ExpertStats") -> "ExpertStats":

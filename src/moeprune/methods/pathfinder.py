@@ -1,0 +1,363 @@
+"""MoE Pathfinder (Yang, Tian, Song, arXiv 2512.18425): keep the experts on the best routing paths.
+
+Per calibration sample the model is a layered DAG (code-faithful to xicyang/MoE-Pruning@121e214):
+``router_l -> expert_{l,i}`` weighs ``r_i`` (mean full-softmax router probability), the expert node
+weighs ``e_i = softmax(-L / tau)`` over the layer's enabled experts (``L_i`` = loss of keeping only
+expert ``i``), ``expert_{l,i} -> router_{l+1}`` weighs ``a_i`` (mean un-gated output norm, all tokens);
+so consecutive experts are linked by the transition intensity ``a_i^(l) r_j^(l+1)``. Path weights are
+sums of ``log(w + 1e-10)``. The ``m`` best paths per sample come from an exact DP
+(``pathfinder_dp``) and are aggregated over samples to the target budget.
+
+Outliers (code only, per sample and layer, IQR with multiplier 3 on loss and norm, >= 4 values):
+small loss / large norm -> force-keep, large loss / small norm -> force-remove (keep wins); both leave
+the graph (softmax and paths), force-kept experts are re-added at aggregation.
+
+Deliberate differences from the reference code (documented, all off the common path):
+* ``e`` is a numerically stable softmax (the code's ``exp(-L)`` underflows to 0 for ``L > 745``);
+* per-layer floors ``>= top_k`` (``Target.floors``) are guaranteed: each layer first gets its best
+  ``floor`` experts (force-kept, then by path frequency), then the global fill runs;
+* force-kept experts never push the plan past the budget: they come first in the fill order (most
+  samples first) and the lowest are dropped if they alone exceed it (the code keeps them all).
+Option ``tie_break="spread"`` (not in the paper/code) deals equal-frequency slots over layers instead
+of the code's lower-layer-first order, which at E * layers >> m * samples fills whole early layers.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from moeprune.methods.pathfinder_dp import one_thread, topm_paths, unique_paths
+from moeprune.methods.registry import MethodConfig, register_method
+from moeprune.methods.target import layer_meta
+
+if TYPE_CHECKING:
+    from moeprune.methods.target import Budget, Target
+    from moeprune.observe.stats import ExpertStats
+    from moeprune.plan import PruningPlan
+
+logger = logging.getLogger(__name__)
+
+GUARD = 1e-10  # the reference code's log guard: log(w + 1e-10)
+AGGREGATES = ("freq_rank", "union", "adaptive")
+TIE_BREAKS = ("layer", "spread")
+ABLATIONS = (None, "ti_only", "is_only")
+
+
+def iqr_outliers(loss: torch.Tensor, norm: torch.Tensor, loss_mult: float = 3.0, norm_mult: float = 3.0,
+                 min_values: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(force_keep [E], force_remove [E])`` of one layer and sample by the reference IQR rule.
+
+    Bounds ``Q1 - k IQR, Q3 + k IQR`` with linearly interpolated quartiles, only with ``>= min_values``
+    values and ``IQR > 1e-12``. Loss below / norm above the bounds keeps, loss above / norm below removes;
+    an expert marked both ways is kept."""
+    keep = torch.zeros(loss.numel(), dtype=torch.bool)
+    remove = torch.zeros_like(keep)
+    for vals, mult, low_keeps in ((loss, loss_mult, True), (norm, norm_mult, False)):
+        v = vals.to(torch.float64)
+        if v.numel() < max(min_values, 4):
+            continue
+        q1, q3 = torch.quantile(v, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+        if q3 - q1 <= 1e-12:
+            continue
+        lo, hi = v < q1 - mult * (q3 - q1), v > q3 + mult * (q3 - q1)
+        keep |= lo if low_keeps else hi
+        remove |= hi if low_keeps else lo
+    return keep, remove & ~keep
+
+
+def node_importance(loss: torch.Tensor, enabled: torch.Tensor, tau: float) -> torch.Tensor:
+    """``e = softmax(-L / tau)`` over the enabled experts, 0 elsewhere ``[E]``."""
+    if not bool(enabled.any()):
+        return torch.zeros_like(loss, dtype=torch.float64)
+    z = (-loss.to(torch.float64) / tau).masked_fill(~enabled, float("-inf"))
+    return torch.softmax(z, 0)
+
+
+@register_method("pathfinder")
+@dataclass(frozen=True)
+class Pathfinder(MethodConfig):
+    """MoE Pathfinder. ``m``: paths per sample (code default 10; paper: 1 for 50 %, 500 for 25 % on
+    Mixtral). ``aggregate``: ``"freq_rank"`` (code: fill the budget by path frequency), ``"union"``
+    (paper: keep every expert on a selected path; the budget is ignored, floors kept) or
+    ``"adaptive"`` (code's unique-path branch: largest k whose path union fits, then fill).
+    ``ablation``: ``"ti_only"`` sets importance e := 1, ``"is_only"`` transition intensity := 1.
+    ``max_samples``: first samples used (code ``path_limit`` 25; None = all). ``tie_break``: order of
+    experts with equal frequency (most have 0 when E * layers >> m * samples): ``"layer"`` (code: lower
+    layer first, which can fill whole early layers) or ``"spread"`` (round-robin over layers, each
+    layer's most-routed experts by mean ``r`` first). ``Target.allocation``
+    ``"method"``/``"global"``: one fill over all layers (non-uniform counts, the paper's point);
+    ``"uniform"``: the same count per layer, by the same order. Plan ``scores`` = path frequency."""
+
+    needs = ("paths",)
+    m: int = 10
+    tau: float = 1.0
+    aggregate: str = "freq_rank"
+    ablation: str | None = None
+    outliers: bool = True
+    loss_iqr_multiplier: float = 3.0
+    norm_iqr_multiplier: float = 3.0
+    min_values: int = 4
+    unique_paths: bool = False
+    max_samples: int | None = 25
+    tie_break: str = "layer"
+
+    def __post_init__(self):
+        if int(self.m) != self.m or self.m < 1:
+            raise ValueError(f"m={self.m} must be a positive integer (paths kept per calibration sample)")
+        if not self.tau > 0:
+            raise ValueError(f"tau={self.tau} must be > 0 (temperature of softmax(-loss / tau))")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate={self.aggregate!r}; choose one of {list(AGGREGATES)}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation={self.ablation!r}; choose one of {list(ABLATIONS)}")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break={self.tie_break!r}; choose one of {list(TIE_BREAKS)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples={self.max_samples} must be >= 1 or None (all samples)")
+
+    # ------------------------------------------------------------------ graph (overridden by variants)
+    def _prepare(self, stats: ExpertStats, layers: list[int]) -> dict:
+        """Per-plan data shared by all samples."""
+        return {}
+
+    def _graph(self, stats: ExpertStats, layers: list[int], s: int, e: list[torch.Tensor],
+               enabled: list[torch.Tensor], ctx: dict
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[int]]:
+        """``(source, edges, sink, expert_dag_layers)`` of sample ``s``: expert layers joined by hubs."""
+        lr, la, le = [], [], []
+        for li, en, ei in zip(layers, enabled, e):
+            r = stats.get(li, "sample_prob_mean")[s].to(torch.float64)
+            a = stats.get(li, "sample_norm_mean")[s].to(torch.float64)
+            no_ti = self.ablation == "is_only"  # transition intensity a_i r_j := 1
+            lr.append(torch.zeros_like(r) if no_ti else torch.log(r + GUARD))
+            la.append(torch.zeros_like(a) if no_ti else torch.log(a + GUARD))
+            imp = torch.zeros_like(ei) if self.ablation == "ti_only" else torch.log(ei + GUARD)
+            le.append(imp.masked_fill(~en, float("-inf")))
+        node = [x + y for x, y in zip(lr, le)]  # router -> expert edge + expert node weight
+        edges = []
+        for l in range(1, len(layers)):
+            # expert -> hub [E, 1], hub -> expert [1, E]
+            edges += [la[l - 1].unsqueeze(1), node[l].unsqueeze(0)]
+        return node[0], edges, la[-1], [2 * l for l in range(len(layers))]
+
+    # ------------------------------------------------------------------ plan
+    def sample_paths(self, stats: ExpertStats, layers: list[int], s: int,
+                     ctx: dict) -> tuple[torch.Tensor, dict, dict]:
+        """Sample ``s``: ``(paths [M, n_layers] expert ids best first, force_keep, force_remove)``."""
+        fk, fr, e, enabled = {}, {}, [], []
+        for li in layers:
+            loss = stats.get(li, "sample_recon_loss")[s].to(torch.float64)
+            norm = stats.get(li, "sample_norm_mean")[s].to(torch.float64)
+            if self.outliers:
+                fk[li], fr[li] = iqr_outliers(loss, norm, self.loss_iqr_multiplier, self.norm_iqr_multiplier,
+                                              self.min_values)
+            else:
+                fk[li] = fr[li] = torch.zeros(loss.numel(), dtype=torch.bool)
+            enabled.append(~(fk[li] | fr[li]))
+            e.append(node_importance(loss, enabled[-1], self.tau))
+        source, edges, sink, pos = self._graph(stats, layers, s, e, enabled, ctx)
+        if self.unique_paths:
+            _, nodes = unique_paths(source, edges, sink, self.m, layers=pos)
+        else:
+            _, nodes = topm_paths(source, edges, sink, self.m)
+        return nodes[:, pos], fk, fr
+
+    def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
+        from moeprune.plan import LayerPlan, PruningPlan
+
+        layers = stats.moe_layers
+        if not layers:
+            raise ValueError("stats hold no MoE layers")
+        n = _num_samples(stats, layers)
+        used = n if self.max_samples is None else min(n, self.max_samples)
+        if used < n:
+            logger.info("pathfinder: using the first %d of %d calibration samples (max_samples)", used, n)
+        _check_allocation(self.aggregate, target.allocation)
+        budget = target.resolve(stats)
+        all_paths, fk_count, fr_any = [], {}, {}
+        with one_thread():  # many small ops: see pathfinder_dp.one_thread
+            ctx = self._prepare(stats, layers)
+            for s in tqdm(range(used), desc=f"{self.name}: top-{self.m} paths", disable=None):
+                p, fk, fr = self.sample_paths(stats, layers, s, ctx)
+                all_paths.append(p)
+                for li in layers:
+                    fk_count[li] = fk_count.get(li, 0) + fk[li].long()
+                    fr_any[li] = fr_any.get(li, torch.zeros_like(fr[li])) | fr[li]
+        tie_rank = None
+        if self.tie_break == "spread":  # within-layer rank (0 = most routed) of the mean router probability
+            tie_rank = {li: torch.argsort(torch.argsort(-stats.get(li, "sample_prob_mean")[:used].mean(0),
+                                                        stable=True)) for li in layers}
+        keep, freq, info = aggregate_paths(layers, all_paths, fk_count, fr_any, budget, self.aggregate,
+                                           target.allocation, self.m, tie_rank)
+        plans = {li: LayerPlan(num_experts=budget.num_experts[li], keep=tuple(keep[li]),
+                               scores=tuple(float(x) for x in freq[li])) for li in layers}
+        meta = {"samples_used": used, "paths_per_sample": [int(p.shape[0]) for p in all_paths],
+                "force_keep": int(sum(int((c > 0).sum()) for c in fk_count.values())),
+                "force_remove": int(sum(int(r.sum()) for r in fr_any.values())), **info}
+        logger.info("%s: kept %d experts (%d force-kept, %d force-removed outliers), per layer %s", self.name,
+                    sum(len(v) for v in keep.values()), meta["force_keep"], meta["force_remove"],
+                    {li: len(v) for li, v in keep.items()})
+        return PruningPlan(layers=plans, method=self.name, method_config=self.to_dict(),
+                           target=target.to_dict(), model_type=stats.meta.get("model_type"), meta=meta)
+
+
+@register_method("pathfinder_coroute")
+@dataclass(frozen=True)
+class PathfinderCoroute(Pathfinder):
+    """Pathfinder whose layer-to-layer transitions are MEASURED co-routing: the observed counts
+    ``C[i, j]`` (tokens routed to ``i`` in layer ``l`` and ``j`` in the next MoE layer) become
+    ``P(j | i) = (C[i, j] + smoothing) / (sum_j' C[i, j'] + smoothing * E_next)`` (additive / Laplace
+    smoothing: unseen transitions stay possible; a row without tokens becomes uniform). A path weighs
+    ``r_{j_0} * prod_l P(j_{l+1} | j_l) * prod_l e_{j_l}`` (a Markov route probability times the node
+    importances), found by the general (non-separable) DP. Transitions are calibration-set totals;
+    ``r`` and ``e`` are per sample. ``ablation="is_only"`` drops ``r`` and ``P``; ``"ti_only"``
+    drops ``e``."""
+
+    needs = ("paths", "transitions")
+    smoothing: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.smoothing >= 0:
+            raise ValueError(f"smoothing={self.smoothing} must be >= 0 (pseudo-count added to every "
+                             "transition)")
+
+    def _prepare(self, stats: ExpertStats, layers: list[int]) -> dict:
+        """Smoothed log P(j | i) per consecutive MoE layer pair ``[E_l, E_next]``."""
+        logp = []
+        for li, nxt in itertools.pairwise(layers):
+            declared = layer_meta(stats, "next_moe_layer", li)
+            if declared is not None and int(declared) != nxt:
+                raise ValueError(f"stats.meta next_moe_layer[{li}] = {declared}, but the next MoE layer in "
+                                 f"the stats is {nxt}; the transition counts do not match these layers")
+            c = stats.get(li, "transition").to(torch.float64)  # [E_l, E_next]
+            want = (stats.num_experts(li), stats.num_experts(nxt))
+            if tuple(c.shape) != want:
+                raise ValueError(f"transition of layer {li} has shape {tuple(c.shape)}, expected "
+                                 f"{list(want)}")
+            num = c + self.smoothing
+            den = num.sum(1, keepdim=True)
+            p = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, 1.0 / c.shape[1]))
+            logp.append(torch.log(p + GUARD))
+        return {"logp": logp}
+
+    def _graph(self, stats, layers, s, e, enabled, ctx):
+        def imp(ei, en):
+            x = torch.zeros_like(ei) if self.ablation == "ti_only" else torch.log(ei + GUARD)
+            return x.masked_fill(~en, float("-inf"))
+
+        is_only = self.ablation == "is_only"
+        r0 = stats.get(layers[0], "sample_prob_mean")[s].to(torch.float64)
+        source = (torch.zeros_like(r0) if is_only else torch.log(r0 + GUARD)) + imp(e[0], enabled[0])
+        edges = []
+        for l in range(1, len(layers)):
+            t = torch.zeros_like(ctx["logp"][l - 1]) if is_only else ctx["logp"][l - 1]
+            edges.append((t + imp(e[l], enabled[l]).unsqueeze(0)).masked_fill(~enabled[l - 1].unsqueeze(1),
+                                                                              float("-inf")))
+        sink = torch.zeros(e[-1].numel(), dtype=torch.float64)
+        return source, edges, sink, list(range(len(layers)))
+
+
+# ---------------------------------------------------------------------- aggregation
+def aggregate_paths(layers: list[int], paths: list[torch.Tensor], fk_count: dict[int, torch.Tensor],
+                    fr_any: dict[int, torch.Tensor], budget: Budget, aggregate: str = "freq_rank",
+                    allocation: str = "method", m: int | None = None,
+                    tie_rank: dict[int, torch.Tensor] | None = None
+                    ) -> tuple[dict[int, list[int]], dict[int, torch.Tensor], dict]:
+    """Per-sample paths -> ``(keep {layer: [expert]}, freq {layer: [E]}, info)``.
+
+    ``freq`` counts the (sample, path) pairs through each expert. Fill order ("key"): force-kept
+    (most samples first), then frequency, then ``tie_rank`` (if given), then lower layer, then lower
+    expert id (without ``tie_rank``: the code's order)."""
+    _check_allocation(aggregate, allocation)
+    ne, floors, cost = budget.num_experts, budget.floors, budget.cost
+    freq = {li: torch.zeros(ne[li], dtype=torch.long) for li in layers}
+    for p in paths:
+        for c, li in enumerate(layers):
+            freq[li] += torch.bincount(p[:, c], minlength=ne[li])
+    fkl = {li: fk_count[li].tolist() for li in layers}
+    fql = {li: freq[li].tolist() for li in layers}
+    trl = {li: tie_rank[li].tolist() if tie_rank else [0] * ne[li] for li in layers}
+    key = sorted(((li, e) for li in layers for e in range(ne[li])),
+                 key=lambda x: (-fkl[x[0]][x[1]], -fql[x[0]][x[1]], trl[x[0]][x[1]], x[0], x[1]))
+    info: dict = {"aggregate": aggregate, "allocation": allocation}
+    if aggregate == "freq_rank" and allocation == "uniform":
+        by_layer: dict[int, list[int]] = {li: [] for li in layers}
+        for li, e in key:
+            by_layer[li].append(e)
+        keep = {li: set(by_layer[li][:budget.uniform_keep[li]]) for li in layers}
+    elif aggregate == "freq_rank":
+        keep = _complete(set(), key, key, budget)
+    elif aggregate == "union":
+        seed = {(li, e) for li in layers for e in range(ne[li]) if fkl[li][e] > 0 or fql[li][e] > 0}
+        keep = _complete(seed, key, [], budget)
+    else:  # adaptive: the largest k whose path union (+ floors) fits, then fill in (layer, expert) order
+        first = {li: torch.full((ne[li],), 1 << 30, dtype=torch.long) for li in layers}
+        for p in paths:
+            rank = torch.arange(1, p.shape[0] + 1)
+            for c, li in enumerate(layers):
+                first[li].scatter_reduce_(0, p[:, c], rank, "amin")
+        for li in layers:
+            first[li][fk_count[li] > 0] = 0
+        best = 0
+        for k in range(1, (m or max((p.shape[0] for p in paths), default=0)) + 1):
+            need = sum(max(int((first[li] <= k).sum()), floors[li]) * cost[li] for li in layers)
+            if need <= budget.budget + 1e-9 * max(1.0, budget.budget):
+                best = k
+        info["selected_k"] = best
+        if best == 0:
+            logger.warning("pathfinder: the union of the best path of every sample exceeds the budget; "
+                           "falling back to aggregate='freq_rank'")
+            keep = _complete(set(), key, key, budget)
+        else:
+            seed = {(li, e) for li in layers for e in range(ne[li]) if int(first[li][e]) <= best}
+            fill = sorted(((li, e) for li in layers for e in range(ne[li])),
+                          key=lambda x: (bool(fr_any[x[0]][x[1]]), x[0], x[1]))  # force-removed last
+            keep = _complete(seed, key, fill, budget)
+    kept = {li: sorted(keep[li]) for li in layers}
+    info["kept_cost"] = float(sum(len(kept[li]) * cost[li] for li in layers))
+    info["dropped_force_keep"] = sum(sum(1 for e in range(ne[li]) if fkl[li][e] > 0 and e not in keep[li])
+                                     for li in layers)
+    return kept, freq, info
+
+
+def _check_allocation(aggregate: str, allocation: str) -> None:
+    if aggregate != "freq_rank" and allocation == "uniform":
+        raise ValueError(f"aggregate={aggregate!r} sets the per-layer counts itself, but the target asks "
+                         "for allocation='uniform'; use Target(..., allocation='method') or "
+                         "aggregate='freq_rank'")
+
+
+def _complete(seed: set, key: list, fill: list, budget: Budget) -> dict[int, set]:
+    """``seed``, then each layer raised to its floor in ``key`` order, then ``fill`` order while it fits."""
+    keep = {li: set() for li in budget.layers}
+    for li, e in seed:
+        keep[li].add(e)
+    for li, e in key:
+        if len(keep[li]) < budget.floors[li]:
+            keep[li].add(e)
+    acc = sum(len(keep[li]) * budget.cost[li] for li in budget.layers)
+    limit = budget.budget + 1e-9 * max(1.0, budget.budget)
+    for li, e in fill:
+        if e not in keep[li] and acc + budget.cost[li] <= limit:
+            keep[li].add(e)
+            acc += budget.cost[li]
+    return keep
+
+
+def _num_samples(stats: ExpertStats, layers: list[int]) -> int:
+    """Number of calibration samples, checked consistent across layers and statistics."""
+    ns = {(li, k): int(stats.get(li, k).shape[0]) for li in layers
+          for k in ("sample_prob_mean", "sample_norm_mean", "sample_recon_loss")}
+    if len(set(ns.values())) != 1:
+        raise ValueError(f"per-sample statistics disagree on the number of samples: {ns}")
+    n = next(iter(ns.values()))
+    if n == 0:
+        raise ValueError("the 'paths' statistics hold no calibration sample; re-run observe with "
+                         "feature 'paths'")
+    return n
