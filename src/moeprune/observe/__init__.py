@@ -1,0 +1,44 @@
+"""Calibration: one observation pass that serves every pruning method.
+
+* ``observe(model, batches, features=...)`` -> ``ExpertStats`` (full-model pass);
+  ``observe_dataset(model, tokenizer, source, ...)`` builds the batches first.
+* ``observe_layerwise(model, batches, checkpoint_dir=...)``: one decoder layer at a time (offloaded
+    models, resumable); ``load_offloaded(path, offload_folder)`` loads a model for it.
+* ``observe_distributed(model, batches)``: data-parallel over a torch.distributed group.
+* ``load_calibration(source, tokenizer, ...)`` -> ``Calibration(batches, meta)``; ``build_batches`` /
+  ``load_texts`` are its parts; ``select_representatives`` is MoE Pathfinder's k-means selection.
+* ``MoECapture`` is the underlying instrumentation; ``SCHEMA`` / ``FEATURES`` name what is collected.
+"""
+from moeprune.observe.capture import MoECapture
+from moeprune.observe.data import (
+    Calibration,
+    build_batches,
+    load_calibration,
+    load_texts,
+    select_representatives,
+)
+from moeprune.observe.distributed import observe_distributed, reduce_stats
+from moeprune.observe.layerwise import load_offloaded, observe_layerwise
+from moeprune.observe.record import MoERecord
+from moeprune.observe.runner import Observer, observe, observe_dataset
+from moeprune.observe.stats import FEATURES, SCHEMA, ExpertStats
+
+__all__ = [
+    "FEATURES",
+    "SCHEMA",
+    "Calibration",
+    "ExpertStats",
+    "MoECapture",
+    "MoERecord",
+    "Observer",
+    "build_batches",
+    "load_calibration",
+    "load_offloaded",
+    "load_texts",
+    "observe",
+    "observe_dataset",
+    "observe_distributed",
+    "observe_layerwise",
+    "reduce_stats",
+    "select_representatives",
+]

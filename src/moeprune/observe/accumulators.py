@@ -1,0 +1,304 @@
+"""Float64 streaming accumulators, one class per feature group of ``observe/stats.py::SCHEMA``.
+
+Each accumulator reduces :class:`~moeprune.observe.capture.MoERecord` s of ONE MoE layer into exactly the
+SCHEMA statistic names of its group, and supports ``merge`` (data shards / ranks), ``state_dict`` /
+``load_state_dict`` (layer-wise checkpoints). Only valid (non-padding) tokens count; LongCat's identity
+"zero experts" (ids >= E) are routed slots but not experts, so they are excluded from per-expert sums.
+Per-token maths runs in float32 on the record's device; every sum is float64.
+"""
+from __future__ import annotations
+
+import torch
+
+from moeprune.observe.record import MoERecord
+from moeprune.observe.stats import SCHEMA
+
+EPS = 1e-12
+CHUNK_ELEMENTS = 1 << 24  # [n, E, H] float32 chunk budget for every-expert-on-every-token maths (64 MiB)
+
+
+def fp(t: torch.Tensor) -> torch.Tensor:
+    """Working precision: float32, or float64 for float64 models."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _sel(t: torch.Tensor, vi: torch.Tensor | None) -> torch.Tensor:
+    return t if vi is None else t.index_select(0, vi)
+
+
+class Accumulator:
+    """Base: sum / max state in ``_state``, per-sample rows in ``_parts`` (reductions read from SCHEMA)."""
+
+    group = ""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        bad = [n for n in shapes if SCHEMA.get(n, ("",))[0] != self.group]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: {bad} are not statistics of group {self.group!r}")
+        self.shapes = shapes
+        self._state: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        for name, shape in shapes.items():
+            if SCHEMA[name][1] == "cat":
+                self._parts[name] = []
+            else:
+                self._state[name] = torch.zeros(shape, dtype=torch.float64)
+
+    def update(self, rec: MoERecord) -> None:
+        raise NotImplementedError
+
+    # ---- helpers for subclasses
+    def _to(self, device) -> None:
+        for n, t in self._state.items():
+            if t.device != device:
+                self._state[n] = t.to(device)
+
+    def _index_add(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        self._state[name].index_add_(0, ids, values.double())
+
+    def _cat(self, name: str, value: torch.Tensor) -> None:
+        self._parts[name].append(value.detach().double().cpu())
+
+    # ---- results and persistence
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {n: t.detach().cpu().clone() for n, t in self._state.items()}
+        for n, parts in self._parts.items():
+            out[n] = torch.cat(parts) if parts else torch.zeros((0, *self.shapes[n]), dtype=torch.float64)
+            self._parts[n] = [out[n]] if parts else []
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.result()
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> Accumulator:
+        if set(sd) != set(self.shapes):
+            raise ValueError(f"{type(self).__name__}: state has {sorted(sd)}, expected {sorted(self.shapes)}")
+        for n, t in sd.items():
+            if n in self._parts:
+                self._parts[n] = [t.double().cpu()] if t.shape[0] else []
+            else:
+                self._state[n] = t.double().clone()
+        return self
+
+    def merge(self, other: Accumulator) -> Accumulator:
+        """In place: add ``other`` (sums add, maxima max, rows concatenate after ours)."""
+        if type(other) is not type(self) or other.shapes != self.shapes:
+            raise ValueError(f"cannot merge {type(other).__name__}{other.shapes} into {type(self).__name__}{self.shapes}")
+        theirs = other.result()
+        for n in self._state:
+            o = theirs[n].to(self._state[n].device)
+            red = SCHEMA[n][1]
+            self._state[n] = self._state[n] + o if red == "sum" else torch.maximum(self._state[n], o)
+        for n in self._parts:
+            if theirs[n].shape[0]:
+                self._parts[n].append(theirs[n])
+        return self
+
+
+def _routed_slots(rec: MoERecord, num_experts: int) -> torch.Tensor | None:
+    """Mask of slots that count (valid token, real expert), or None when all do (no gather needed)."""
+    m = rec.slot_valid if rec.valid_index is not None else None
+    if rec.bank.router_width > num_experts:  # LongCat zero experts are routed slots, not experts
+        real = rec.slot_expert < num_experts
+        m = real if m is None else m & real
+    return m
+
+
+def _pick(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    return t if m is None else t[m]
+
+
+class RoutedAccumulator(Accumulator):
+    """Counts, gate and output-norm moments over routed tokens; full router probability over all tokens."""
+
+    group = "routed"
+
+    def __init__(self, num_experts: int):
+        e = (num_experts,)
+        super().__init__({"tokens": (), "count": e, "gate_sum": e, "norm_sum": e, "norm_sq_sum": e,
+                          "gate_norm_sum": e, "gate_norm_sq_sum": e, "max_act": e, "prob_sum": e})
+        self.num_experts = num_experts
+
+    def update(self, rec: MoERecord) -> None:
+        self._to(rec.idx.device)
+        f = rec.slot_out  # [S, H]
+        nrm = torch.linalg.vector_norm(fp(f), dim=-1)  # [S]
+        amax = fp(torch.maximum(f.amax(-1), -f.amin(-1)))  # [S] max_i |f_i| (2 reductions beat aminmax)
+        m = _routed_slots(rec, self.num_experts)
+        ids, g, n, a = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax))
+        g, n, a = g.double(), n.double(), a.double()
+        self._index_add("count", ids, torch.ones_like(g))
+        self._index_add("gate_sum", ids, g)
+        self._index_add("norm_sum", ids, n)
+        self._index_add("norm_sq_sum", ids, n * n)
+        self._index_add("gate_norm_sum", ids, g * n)
+        self._index_add("gate_norm_sq_sum", ids, (g * n) ** 2)
+        self._state["max_act"].scatter_reduce_(0, ids, a, "amax")
+        vi = rec.valid_index
+        self._state["prob_sum"] += _sel(rec.probs, vi).double().sum(0)
+        self._state["tokens"] += float(rec.x.shape[0] if vi is None else vi.numel())
+
+
+class DirectionAccumulator(Accumulator):
+    """TENP ``g||f||(1 - cos(x, f))`` and EASY-EP ``g||f|| max(1 - cos(h, h + r), 0)`` over routed tokens."""
+
+    group = "direction"
+
+    def __init__(self, num_experts: int):
+        super().__init__({"gate_norm_dir_sum": (num_experts,), "easyep_sum": (num_experts,)})
+        self.num_experts = num_experts
+
+    def update(self, rec: MoERecord) -> None:
+        if rec.residual is None:
+            raise ValueError("the direction feature needs the residual stream (MoECapture(residual=True))")
+        self._to(rec.idx.device)
+        m = _routed_slots(rec, self.num_experts)
+        f, x = fp(_pick(rec.slot_out, m)), fp(_pick(rec.slot_x, m))  # [S, H]
+        ids, g, tok = _pick(rec.slot_expert, m), fp(_pick(rec.slot_weight, m)), _pick(rec.slot_token, m)
+        nf = f.norm(dim=-1)
+        cos_xf = (f * x).sum(-1) / (nf * x.norm(dim=-1)).clamp_min(EPS)
+        h = fp(rec.residual)
+        hr = h + rec.routed.to(h.dtype)
+        cos_h = (h * hr).sum(-1) / (h.norm(dim=-1) * hr.norm(dim=-1)).clamp_min(EPS)  # [T]
+        gn = (g * nf).double()
+        self._index_add("gate_norm_dir_sum", ids, gn * (1 - cos_xf.double()))
+        self._index_add("easyep_sum", ids, gn * (1 - cos_h.double()[tok]).clamp_min(0))
+
+
+class NeuronAccumulator(Accumulator):
+    """TENP neuron importance: signed projection ``a_i <W_down[:, i], f>/||f||`` and ``|a_i| ||W_down[:, i]||``."""
+
+    group = "neurons"
+
+    def __init__(self, num_experts: int, intermediate_size: int):
+        shape = (num_experts, intermediate_size)
+        super().__init__({"neuron_proj_sum": shape, "neuron_l2_sum": shape})
+        self.num_experts = num_experts
+
+    def update(self, rec: MoERecord) -> None:
+        if rec.slot_inter is None:
+            raise ValueError("the neurons feature needs intermediate activations (MoECapture(intermediates=True))")
+        self._to(rec.idx.device)
+        m = _routed_slots(rec, self.num_experts)
+        idx, f = _pick(rec.slot_expert, m), fp(_pick(rec.slot_out, m))
+        a = _pick(rec.slot_inter, m).to(f.dtype)
+        u = f / f.norm(dim=-1, keepdim=True).clamp_min(EPS)  # [S, H] unit output direction
+        order = torch.argsort(idx, stable=True)
+        counts = torch.bincount(idx, minlength=self.num_experts).tolist()
+        col = rec.bank.down_col_norms().to(idx.device)
+        proj, l2 = self._state["neuron_proj_sum"], self._state["neuron_l2_sum"]
+        for e, (ue, ae) in enumerate(zip(torch.split(u[order], counts), torch.split(a[order], counts))):
+            if ue.shape[0]:
+                w = rec.bank.down_weight(e).to(ue.dtype)  # [H, I]
+                proj[e] += (ae * (ue @ w)).sum(0).double()
+                l2[e] += ae.abs().sum(0).double() * col[e]
+
+
+class TransitionAccumulator(Accumulator):
+    """Co-routing counts between this MoE layer and the next one, over all slot pairs of a token."""
+
+    group = "transitions"
+
+    def __init__(self, num_experts: int, num_experts_next: int):
+        super().__init__({"transition": (num_experts, num_experts_next)})
+
+    @staticmethod
+    def _hot(idx: torch.Tensor, n: int) -> torch.Tensor:
+        hot = torch.zeros(idx.shape[0], n + 1, dtype=torch.float64, device=idx.device)
+        hot.scatter_add_(1, idx.clamp(max=n), torch.ones_like(idx, dtype=torch.float64))
+        return hot[:, :n]  # column n collects zero-expert slots
+
+    def update_pair(self, idx_here: torch.Tensor, idx_next: torch.Tensor) -> None:
+        """``idx_here [T, k]``, ``idx_next [T, k']``: the same valid tokens in both layers."""
+        self._to(idx_here.device)
+        t = self._state["transition"]
+        t += self._hot(idx_here, t.shape[0]).T @ self._hot(idx_next.to(idx_here.device), t.shape[1])
+
+    def update(self, rec: MoERecord) -> None:
+        raise TypeError("transitions pair two layers: the runner calls update_pair")
+
+
+def _token_chunks(n: int, per_token: int):
+    step = max(1, CHUNK_ELEMENTS // max(per_token, 1))
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
+class PathsAccumulator(Accumulator):
+    """MoE Pathfinder per sample: mean router probability r, mean ||f_j|| over ALL tokens a (every expert
+    runs on every token), and the single-expert reconstruction loss ``L_j = ||Y - c_j f_j(X)||_F`` where
+    ``Y`` is the routed output and ``c_j`` the gate expert j alone would get (``ExpertBank.solo_gate``)."""
+
+    group = "paths"
+
+    def __init__(self, num_experts: int):
+        e = (num_experts,)
+        super().__init__({"sample_tokens": (), "sample_prob_mean": e, "sample_norm_mean": e,
+                          "sample_recon_loss": e})
+        self.num_experts = num_experts
+
+    def update(self, rec: MoERecord) -> None:
+        vi, bank, n_rows, e = rec.valid_index, rec.bank, rec.num_rows, self.num_experts
+        rows, x, lg = (_sel(t, vi) for t in (rec.rows, rec.x, rec.logits))
+        y, c = _sel(rec.routed, vi), bank.solo_gate(lg)  # [T, H], [T, E]
+        norm = torch.zeros(n_rows, e, dtype=torch.float64, device=x.device)
+        sq = torch.zeros_like(norm)
+        for s in _token_chunks(x.shape[0], e * x.shape[1]):
+            f = fp(bank.all_outputs(x[s], lg[s]))  # [n, E, H]
+            norm.index_add_(0, rows[s], f.norm(dim=-1).double())
+            sq.index_add_(0, rows[s], (y[s, None, :] - c[s, :, None] * f).pow(2).sum(-1).double())
+        cnt = torch.bincount(rows, minlength=n_rows).double()
+        psum = torch.zeros_like(norm).index_add_(0, rows, _sel(rec.probs, vi).double())
+        keep = cnt > 0
+        n = cnt[keep, None]
+        self._cat("sample_tokens", cnt[keep])
+        self._cat("sample_prob_mean", psum[keep] / n)
+        self._cat("sample_norm_mean", norm[keep] / n)
+        self._cat("sample_recon_loss", sq[keep].sqrt())
+
+
+class ClusterAccumulator(Accumulator):
+    """C-Prune: every expert applied to each sample's mean-pooled (valid tokens) expert input."""
+
+    group = "cluster"
+
+    def __init__(self, num_experts: int, hidden_size: int):
+        super().__init__({"sentence_out": (num_experts, hidden_size)})
+
+    def update(self, rec: MoERecord) -> None:
+        vi = rec.valid_index
+        rows, x = _sel(rec.rows, vi), _sel(rec.x, vi)
+        sums = torch.zeros(rec.num_rows, x.shape[1], dtype=torch.float64, device=x.device)
+        sums.index_add_(0, rows, x.double())
+        cnt = torch.bincount(rows, minlength=rec.num_rows)
+        keep = cnt > 0
+        mean = (sums[keep] / cnt[keep, None].double()).to(x.dtype)  # [N, H]
+        self._cat("sentence_out", rec.bank.all_outputs(mean))
+
+
+class ReconstructionAccumulator(Accumulator):
+    """NAEE: router logits, every expert's output and the routed output on a seeded token subsample
+    (``tokens_per_batch`` valid tokens per batch; the choice depends only on seed and batch index, so it
+    is the same in the full, layer-wise and distributed runs)."""
+
+    group = "reconstruction"
+
+    def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int = 16,
+                 seed: int = 0):
+        super().__init__({"recon_logits": (router_width,), "recon_expert_out": (num_experts, hidden_size),
+                          "recon_target": (hidden_size,)})
+        if tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
+        self.tokens_per_batch, self.seed = tokens_per_batch, seed
+
+    def update(self, rec: MoERecord) -> None:
+        vi = rec.valid_index
+        if vi is None:
+            vi = torch.arange(rec.x.shape[0], device=rec.x.device)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + rec.batch_index)
+        pick = torch.randperm(vi.numel(), generator=gen)[: self.tokens_per_batch].sort().values
+        pick = vi[pick.to(vi.device)]
+        lg = rec.logits.index_select(0, pick)
+        self._cat("recon_logits", lg)
+        self._cat("recon_expert_out", rec.bank.all_outputs(rec.x.index_select(0, pick), lg))
+        self._cat("recon_target", rec.routed.index_select(0, pick))

@@ -1,0 +1,86 @@
+"""Data-parallel calibration with ``torch.distributed``: each rank observes a contiguous shard of the
+batches (so per-sample rows concatenated in rank order are in the single-process order, and the
+reconstruction subsample, seeded by the GLOBAL batch index, is the same), then statistics are reduced to
+``dst``: sums with ``SUM``, maxima with ``MAX``, per-sample rows gathered and concatenated in rank order.
+Works with gloo (CPU tensors) and NCCL (tensors are moved to the current CUDA device for the reduction).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeprune.observe.runner import observe
+from moeprune.observe.stats import SCHEMA, ExpertStats
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank's contiguous shard of ``n`` batches (sizes differ by at most one)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _comm_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_stats(stats: ExpertStats, *, dst: int = 0, group=None) -> ExpertStats | None:
+    """Reduce every rank's ``stats`` to rank ``dst`` (returns the merged stats there, None elsewhere)."""
+    rank = dist.get_rank(group)
+    dev = _comm_device(group)
+    names = {li: sorted(d) for li, d in stats.layers.items()}
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, names, group=group)
+    if any(e != names for e in everyone):
+        raise ValueError("ranks observed different layers/statistics; run the same model and features everywhere")
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for li in sorted(stats.layers):
+        out[li] = {}
+        for name in names[li]:
+            t = stats.layers[li][name]
+            red = SCHEMA.get(name, ("", "sum"))[1]
+            if red in ("sum", "max"):
+                buf = t.to(dev, torch.float64).contiguous()
+                dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM if red == "sum" else dist.ReduceOp.MAX, group=group)
+                out[li][name] = buf.cpu()
+            else:
+                parts: list[Any] = [None] * dist.get_world_size(group) if rank == dst else None
+                dist.gather_object(t.cpu(), parts, dst=dst, group=group)
+                if rank == dst:
+                    out[li][name] = torch.cat(parts, 0)
+    metas: list[Any] = [None] * dist.get_world_size(group) if rank == dst else None
+    dist.gather_object(stats.meta, metas, dst=dst, group=group)
+    if rank != dst:
+        return None
+    meta = dict(metas[0])
+    meta["num_samples"] = sum(m.get("num_samples", 0) for m in metas)
+    meta["num_tokens"] = sum(m.get("num_tokens", 0) for m in metas)
+    observed = [m for m in metas if all(r.get("source") == "observed" for r in m.get("router", {}).values())]
+    if observed:
+        meta["router"] = observed[0]["router"]
+    meta["world_size"] = len(metas)
+    return ExpertStats(layers=out, meta=meta)
+
+
+def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
+                        dst: int = 0, group=None, progress: bool | None = None, seed: int = 0,
+                        recon_tokens: int = 16, implementation: str = "auto",
+                        data: Mapping[str, Any] | None = None) -> ExpertStats | None:
+    """Every rank calls this with the SAME ``batches`` (e.g. the same seeded ``load_calibration``) and an
+    identical model; each observes its shard. Returns the merged ``ExpertStats`` on rank ``dst``, None on
+    the others. Requires ``torch.distributed.init_process_group`` first."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("observe_distributed needs an initialised process group: call "
+                           "torch.distributed.init_process_group(...) (e.g. under torchrun) first, or use observe()")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    batches = list(batches)
+    lo, hi = shard_bounds(len(batches), rank, world)
+    local = observe(model, batches[lo:hi], features=features, progress=(rank == dst) if progress is None else progress,
+                    seed=seed, recon_tokens=recon_tokens, implementation=implementation, data=data, batch_offset=lo)
+    return reduce_stats(local, dst=dst, group=group)

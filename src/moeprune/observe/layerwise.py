@@ -1,0 +1,310 @@
+"""Layer-by-layer calibration: models larger than memory, resumable after an interruption.
+
+Route (and why): the model is loaded by transformers itself with accelerate disk offload
+(``load_offloaded``: decoder layers on ``"disk"``, the rest on the execution device), so the checkpoint's
+on-disk -> fused key conversion stays transformers' job. ``observe_layerwise`` then
+1. records, per batch, the decoder-layer inputs with a cheap stub pass (every layer's ``forward`` is
+   replaced by a recorder; the model stops after the last layer), so per-layer kwargs (attention masks of
+   sliding/full layers, rotary embeddings) are exactly what the model would pass;
+2. runs each decoder layer once over ALL batches: its weights are onloaded once (accelerate hooks switched
+   to keep them) and offloaded after, activations live on CPU or in ``checkpoint_dir``.
+Peak memory is one decoder layer plus the cached activations (one batch when they live on disk). The MoE
+capture and accumulators are the full pass's (``Observer``), so the statistics equal the full pass.
+With ``checkpoint_dir`` each finished layer commits its outputs and the accumulator state atomically;
+a rerun resumes after the last committed layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.observe.capture import MoECapture
+from moeprune.observe.data import batches_hash
+from moeprune.observe.experts import build_banks
+from moeprune.observe.runner import Observer, as_batch, eval_mode, forward_kwargs, input_device
+from moeprune.observe.stats import ExpertStats
+
+FORMAT = "moeprune.layerwise/v1"
+
+
+class _Stop(Exception):
+    """Raised by the last stub layer: nothing after the decoder stack is needed."""
+
+
+def decoder_layers(model: nn.Module, block_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
+    """``(name, ModuleList)`` of the decoder layers holding the MoE blocks."""
+    names = list(block_names)
+    for lname, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and all(
+                n.startswith(lname + ".") and n[len(lname) + 1:].split(".")[0].isdigit() for n in names):
+            return lname, mod
+    raise NotImplementedError(f"{type(model).__name__}: no ModuleList holds every MoE block ({names[:3]}...); "
+                              "layer-wise calibration needs a stack of decoder layers")
+
+
+def _to(obj: Any, device, memo: dict[int, Any]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _set_forward(layer: nn.Module, fn) -> Any:
+    old = layer.__dict__.get("forward")
+    layer.forward = fn
+    return old
+
+
+def _restore_forward(layer: nn.Module, old: Any) -> None:
+    if old is None:
+        layer.__dict__.pop("forward", None)
+    else:
+        layer.forward = old
+
+
+def record_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict], device) -> tuple[list, list]:
+    """Stub pass: ``(hidden inputs of layer 0 per batch, [per batch: [per layer: (args, kwargs)]])`` on CPU."""
+    n = len(layers)
+    hidden: list[torch.Tensor | None] = [None] * len(batches)
+    calls: list[list[Any]] = [[None] * n for _ in batches]
+    cur = [0]
+
+    def stub(i: int):
+        def fwd(*args, **kwargs):
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                h, rest = kwargs.pop("hidden_states"), ()
+            memo: dict[int, Any] = {}
+            calls[cur[0]][i] = (_to(rest, "cpu", memo), _to(kwargs, "cpu", memo))
+            if i == 0:
+                hidden[cur[0]] = h.detach().to("cpu")
+            if i == n - 1:
+                raise _Stop
+            return h
+        return fwd
+
+    old = [_set_forward(layer, stub(i)) for i, layer in enumerate(layers)]
+    extra = forward_kwargs(model)
+    try:
+        for b, batch in enumerate(batches):
+            cur[0] = b
+            try:
+                model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}, **extra)
+            except _Stop:
+                pass
+            missing = [i for i, c in enumerate(calls[b]) if c is None]
+            if missing:
+                raise RuntimeError(f"decoder layers {missing} were not called by {type(model).__name__}.forward")
+    finally:
+        for layer, o in zip(layers, old):
+            _restore_forward(layer, o)
+    return hidden, calls
+
+
+@contextlib.contextmanager
+def onloaded(layer: nn.Module):
+    """Load an accelerate-offloaded layer's weights once and keep them for every batch, then offload."""
+    held = []
+    try:
+        for m in layer.modules():
+            h = getattr(m, "_hf_hook", None)
+            for hk in (getattr(h, "hooks", None) or ([h] if h is not None else [])):
+                if getattr(hk, "offload", False):
+                    hk.pre_forward(m)
+                    hk.offload = False
+                    held.append((m, hk))
+        yield layer
+    finally:
+        for m, hk in held:
+            hk.offload = True
+            hk.post_forward(m, None)
+
+
+def execution_device(layer: nn.Module, default) -> torch.device:
+    for m in layer.modules():
+        h = getattr(m, "_hf_hook", None)
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    p = next((p for p in layer.parameters() if p.device.type != "meta"), None)
+    return p.device if p is not None else default
+
+
+class Checkpoint:
+    """``folder/progress.json`` -> committed layer; ``acts_{i}/b{j}.safetensors`` = inputs of layer i;
+    ``observer_{i}.pt`` = accumulators after layers < i; ``calls.pt`` = per-layer call kwargs."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.folder, self.fingerprint = os.fspath(folder), fingerprint
+        os.makedirs(self.folder, exist_ok=True)
+
+    def _p(self, *parts) -> str:
+        return os.path.join(self.folder, *parts)
+
+    def next_layer(self) -> int | None:
+        """Layer to resume at, or None for a fresh run (an error if the folder holds another run)."""
+        if not os.path.exists(self._p("progress.json")):
+            return None
+        with open(self._p("progress.json")) as f:
+            prog = json.load(f)
+        if prog.get("format") != FORMAT or prog.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{self.folder} holds a layer-wise run of another model/data/features "
+                             f"(fingerprint {prog.get('fingerprint')} != {self.fingerprint}); use an empty "
+                             "checkpoint_dir or resume=False")
+        return int(prog["next_layer"])
+
+    def _atomic(self, path: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def reset(self) -> None:
+        """Forget a previous run in this folder (only the files this class writes)."""
+        for name in os.listdir(self.folder):
+            if name.startswith("acts_"):
+                shutil.rmtree(self._p(name), ignore_errors=True)
+            elif name == "progress.json" or name == "calls.pt" or (name.startswith("observer_") and name.endswith(".pt")):
+                os.remove(self._p(name))
+
+    def write_act(self, layer: int, b: int, h: torch.Tensor) -> None:
+        os.makedirs(self._p(f"acts_{layer}"), exist_ok=True)
+        self._atomic(self._p(f"acts_{layer}", f"b{b}.safetensors"),
+                     lambda p: save_file({"h": h.detach().to("cpu").contiguous()}, p))
+
+    def read_act(self, layer: int, b: int) -> torch.Tensor:
+        return load_file(self._p(f"acts_{layer}", f"b{b}.safetensors"))["h"]
+
+    def save_calls(self, calls: list) -> None:
+        self._atomic(self._p("calls.pt"), lambda p: torch.save(calls, p))
+
+    def load_calls(self) -> list:
+        return torch.load(self._p("calls.pt"), weights_only=False)
+
+    def load_observer(self, layer: int) -> dict:
+        return torch.load(self._p(f"observer_{layer}.pt"), weights_only=False)
+
+    def commit(self, next_layer: int, state: dict) -> None:
+        """Outputs of ``next_layer - 1`` are in ``acts_{next_layer}``: record the accumulators, then progress."""
+        self._atomic(self._p(f"observer_{next_layer}.pt"), lambda p: torch.save(state, p))
+        prog = {"format": FORMAT, "fingerprint": self.fingerprint, "next_layer": next_layer}
+        self._atomic(self._p("progress.json"), lambda p: _write_text(p, json.dumps(prog)))
+        for old in range(next_layer):
+            shutil.rmtree(self._p(f"acts_{old}"), ignore_errors=True)
+            if os.path.exists(self._p(f"observer_{old}.pt")):
+                os.remove(self._p(f"observer_{old}.pt"))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers: int) -> str:
+    cfg = getattr(model, "config", None)
+    blob = json.dumps({"features": obs.features, "seed": obs.seed, "recon": obs.recon_tokens, "layers": n_layers,
+                       "data": batches_hash(batches), "n": len(batches),
+                       "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else type(model).__name__},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
+                      checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
+                      seed: int = 0, recon_tokens: int = 16, implementation: str = "auto",
+                      data: Mapping[str, Any] | None = None) -> ExpertStats:
+    """Same statistics as ``observe`` computed one decoder layer at a time (see the module docstring).
+
+    ``checkpoint_dir``: activations on disk + per-layer commits (resumable); without it activations are
+    kept on CPU. ``resume=False`` restarts from scratch in an existing ``checkpoint_dir``."""
+    batches = [as_batch(b) for b in batches]
+    obs = Observer(build_banks(model), features, seed=seed, recon_tokens=recon_tokens)
+    _, layers = decoder_layers(model, [b.name for b in obs.banks.values()])
+    device = input_device(model)
+    ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, batches, obs, len(layers))) if checkpoint_dir else None
+    start = ckpt.next_layer() if (ckpt and resume) else None
+    with eval_mode(model), torch.no_grad(), MoECapture(
+            model, obs, banks=obs.banks, intermediates=obs.needs_intermediates, residual=obs.needs_residual,
+            implementation=implementation) as cap:
+        if start is None:
+            hidden, calls = record_inputs(model, layers, batches, device)
+            start = 0
+            if ckpt:
+                ckpt.reset()
+                for b, h in enumerate(hidden):
+                    ckpt.write_act(0, b, h)
+                ckpt.save_calls(calls)
+                ckpt.commit(0, obs.state_dict())
+        else:
+            calls = ckpt.load_calls()
+            obs.load_state_dict(ckpt.load_observer(start))
+            hidden = [None] * len(batches)
+        for i in tqdm(range(start, len(layers)), desc="observe (layer-wise)", disable=not progress):
+            layer = layers[i]
+            dev = execution_device(layer, device)
+            with onloaded(layer):
+                for b, batch in enumerate(batches):
+                    h = hidden[b] if hidden[b] is not None else ckpt.read_act(i, b)
+                    args, kwargs = _to(calls[b][i], dev, {})
+                    ref = batch.get("input_ids", batch.get("inputs_embeds"))
+                    cap.set_batch(batch.get("attention_mask"), shape=tuple(ref.shape[:2]), index=b)
+                    out = layer(h.to(dev), *args, **kwargs)
+                    out = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                    if ckpt:
+                        ckpt.write_act(i + 1, b, out)
+                        hidden[b] = None
+                    else:
+                        hidden[b] = out.to("cpu")
+            if ckpt:
+                ckpt.commit(i + 1, obs.state_dict())
+    return obs.result(model, data)
+
+
+def offload_device_map(model: nn.Module, device: str = "cpu") -> dict[str, str]:
+    """A device map putting every decoder layer on ``"disk"`` and every other module on ``device``."""
+    lname, layers = decoder_layers(model, [b.name for b in build_banks(model).values()])
+    dmap = {f"{lname}.{i}": "disk" for i in range(len(layers))}
+    parts = lname.split(".")
+    for depth in range(len(parts)):
+        prefix = ".".join(parts[:depth])
+        parent = model.get_submodule(prefix)
+        for child, _ in parent.named_children():
+            full = f"{prefix}.{child}" if prefix else child
+            if full != ".".join(parts[:depth + 1]):
+                dmap[full] = device
+    return dmap
+
+
+def load_offloaded(path: str | os.PathLike, offload_folder: str | os.PathLike, *, device: str = "cpu", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with every decoder layer offloaded to ``offload_folder``
+    (transformers converts the on-disk expert layout); pair it with ``observe_layerwise``."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items()
+                                                               if k == "trust_remote_code"})
+    with init_empty_weights():
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, device_map=offload_device_map(skeleton, device), offload_folder=os.fspath(offload_folder), **kwargs)

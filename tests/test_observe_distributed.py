@@ -1,0 +1,67 @@
+"""Data-parallel observe over 2 gloo processes equals the single-process pass."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeprune.observe import ExpertStats, observe, observe_distributed
+from moeprune.observe.distributed import shard_bounds
+
+FEATS = ("routed", "transitions", "paths", "cluster", "reconstruction")
+
+
+def _batches():
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 250, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    return [{"input_ids": ids, "attention_mask": mask}, torch.randint(3, 250, (1, 6), generator=g),
+            torch.randint(3, 250, (2, 5), generator=g)]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import transformers
+
+    from moeprune.arch.tiny import tiny_model
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        stats = observe_distributed(tiny_model("qwen3_moe"), _batches(), features=FEATS, recon_tokens=2,
+                                    progress=False)
+        assert (stats is None) == (rank != 0)
+        if rank == 0:
+            stats.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_single_process(tiny_cache, tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "dist")), nprocs=2, join=True)
+    merged = ExpertStats.load(tmp_path / "dist")
+    single = observe(tiny_cache("qwen3_moe"), _batches(), features=FEATS, recon_tokens=2, progress=False)
+    assert merged.meta["world_size"] == 2
+    for key in ("num_tokens", "num_samples", "router", "num_experts", "expert_params"):
+        assert merged.meta[key] == single.meta[key], key
+    assert merged.moe_layers == single.moe_layers
+    for li in single.moe_layers:
+        assert set(merged[li]) == set(single[li])
+        for name, t in single[li].items():
+            torch.testing.assert_close(merged[li][name], t, rtol=1e-12, atol=1e-12, msg=f"L{li} {name}")
+
+
+def test_shards_are_contiguous_and_cover_everything():
+    assert [shard_bounds(3, r, 2) for r in range(2)] == [(0, 2), (2, 3)]
+    assert [shard_bounds(1, r, 3) for r in range(3)] == [(0, 1), (1, 1), (1, 1)]
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        observe_distributed(torch.nn.Linear(2, 2), [])

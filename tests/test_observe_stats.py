@@ -1,0 +1,309 @@
+"""Every statistic of observe() equals a brute-force computation by hand from the fused weights.
+
+The reference re-derives routing (softmax / renormalisation / DeepSeek-V3 sigmoid + bias + groups +
+scaling / GPT-OSS top-k on biased logits) and every expert output f_j(x) per token from the raw
+parameters, then accumulates each SCHEMA statistic with explicit Python loops over tokens and slots.
+Models run in float64 with the eager experts path so the comparison is tight.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeprune.arch.structure import current_top_k, get_experts, get_router, iter_moe_blocks, num_experts_of
+from moeprune.observe import FEATURES, SCHEMA, ExpertStats, observe
+from moeprune.observe.accumulators import RoutedAccumulator
+
+ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe")
+SCALE = {"deepseek_v3": 2.5}
+RECON = 3  # tokens per batch kept by the reconstruction feature
+
+
+def _batches(arch: str, seed: int = 7) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 250, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    if arch != "deepseek_v3":  # the tiny MLA config cannot take a padded mask (transformers itself fails)
+        mask[1, 7:] = 0
+    ids2 = torch.randint(3, 250, (1, 6), generator=g)
+    return [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids2, "attention_mask": torch.ones_like(ids2)}]
+
+
+@pytest.fixture(scope="module")
+def f64_models():
+    from moeprune.arch.tiny import tiny_model
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            m = tiny_model(arch, dtype=torch.float64)
+            m.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+            cache[arch] = m
+        return cache[arch]
+    return get
+
+
+# ------------------------------------------------------------------------------------------- by hand
+def hand_route(arch, block, x):
+    """``(logits, p, idx, w)`` for tokens ``x [T, H]`` recomputed from the router's parameters."""
+    r, e, k = get_router(block), num_experts_of(block), current_top_k(block)
+    if arch == "gpt_oss":
+        z = x @ r.weight.T + r.bias
+        idx = z.topk(k, -1).indices
+        return z, torch.softmax(z, -1), idx, torch.softmax(z.gather(1, idx), -1)
+    if arch == "deepseek_v3":
+        z = (x.float() @ r.weight.float().T).double()  # the router computes in float32
+        s = torch.sigmoid(z)
+        choice = s + r.e_score_correction_bias.double()
+        per = e // r.num_group
+        group = choice.view(-1, r.num_group, per).topk(2, -1).values.sum(-1)
+        keep = group.topk(r.topk_group, -1).indices
+        allowed = torch.zeros_like(group, dtype=torch.bool).scatter(1, keep, True).repeat_interleave(per, 1)
+        idx = choice.masked_fill(~allowed, float("-inf")).topk(k, -1).indices
+        w = s.gather(1, idx)
+        return z, s, idx, w / (w.sum(-1, keepdim=True) + 1e-20) * r.routed_scaling_factor
+    z = x @ r.weight.T
+    p = torch.softmax(z, -1)
+    top = p.topk(k, -1)
+    w = top.values if arch == "qwen2_moe" else top.values / top.values.sum(-1, keepdim=True)
+    return z, p, top.indices, w
+
+
+def hand_expert(arch, ex, j, x):
+    """``(f_j(x) [n, H], act [n, I])`` from the fused tensors (GPT-OSS: transposed, interleaved, biased)."""
+    if arch == "gpt_oss":
+        gu = x @ ex.gate_up_proj[j] + ex.gate_up_proj_bias[j]
+        g, u = gu[:, 0::2].clamp(max=ex.limit), gu[:, 1::2].clamp(-ex.limit, ex.limit)
+        a = (u + 1) * g * torch.sigmoid(g * ex.alpha)
+        return a @ ex.down_proj[j] + ex.down_proj_bias[j], a
+    inter = ex.down_proj.shape[-1]
+    gu = x @ ex.gate_up_proj[j].T
+    a = F.silu(gu[:, :inter]) * gu[:, inter:]
+    return a @ ex.down_proj[j].T, a
+
+
+def down_cols(arch, ex, j):
+    return ex.down_proj[j].T if arch == "gpt_oss" else ex.down_proj[j]  # [H, I]
+
+
+def block_inputs(model, batches):
+    """Per batch ``{layer: (x [T, H] block input, h [T, H] residual before post_attention_layernorm)}``."""
+    out = []
+    for b in batches:
+        got, hooks = {}, []
+        for li, name, blk in iter_moe_blocks(model):
+            layer = model.get_submodule(name.rpartition(".")[0])
+            hooks.append(blk.register_forward_pre_hook(
+                lambda m, a, li=li, got=got: got.setdefault(li, {}).__setitem__("x", a[0].reshape(-1, a[0].shape[-1]))))
+            hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+                lambda m, a, li=li, got=got: got.setdefault(li, {}).__setitem__("h", a[0].reshape(-1, a[0].shape[-1]))))
+        with torch.no_grad():
+            model(**b)
+        for h in hooks:
+            h.remove()
+        out.append({li: (d["x"], d["h"]) for li, d in got.items()})
+    return out
+
+
+def reference_stats(arch, model, batches):
+    """All SCHEMA statistics by explicit loops over valid tokens and slots (float64)."""
+    blocks = {li: blk for li, _, blk in iter_moe_blocks(model)}
+    layers = sorted(blocks)
+    inputs = block_inputs(model, batches)
+    ref = {}
+    routes = {}  # (layer, batch) -> idx
+    for li in layers:
+        blk = blocks[li]
+        ex, e = get_experts(blk), num_experts_of(blk)
+        s = {n: torch.zeros(e, dtype=torch.float64) for n in
+             ("count", "gate_sum", "norm_sum", "norm_sq_sum", "gate_norm_sum", "gate_norm_sq_sum", "max_act",
+              "prob_sum", "gate_norm_dir_sum", "easyep_sum")}
+        inter = ex.down_proj.shape[1] if arch == "gpt_oss" else ex.down_proj.shape[2]
+        s["neuron_proj_sum"] = torch.zeros(e, inter, dtype=torch.float64)
+        s["neuron_l2_sum"] = torch.zeros(e, inter, dtype=torch.float64)
+        s["tokens"] = torch.tensor(0.0, dtype=torch.float64)
+        rows = {n: [] for n in ("sample_tokens", "sample_prob_mean", "sample_norm_mean", "sample_recon_loss",
+                                "sentence_out", "recon_logits", "recon_expert_out", "recon_target")}
+        for bi, batch in enumerate(batches):
+            x, h = inputs[bi][li]
+            valid = batch["attention_mask"].reshape(-1).bool()
+            seq = batch["input_ids"].shape[1]
+            z, p, idx, w = hand_route(arch, blk, x)
+            routes[(li, bi)] = idx
+            fa = [hand_expert(arch, ex, j, x) for j in range(e)]
+            f_all = torch.stack([fj for fj, _ in fa], 1)  # [T, E, H]
+            a_all = torch.stack([aj for _, aj in fa], 1)  # [T, E, I]
+            y = torch.stack([sum(w[t, q] * f_all[t, idx[t, q]] for q in range(idx.shape[1]))
+                             for t in range(x.shape[0])])
+            for t in torch.nonzero(valid).reshape(-1).tolist():
+                s["tokens"] += 1
+                s["prob_sum"] += p[t]
+                hr = h[t] + y[t]
+                cos_h = torch.dot(h[t], hr) / (h[t].norm() * hr.norm())
+                for q in range(idx.shape[1]):
+                    j, g = int(idx[t, q]), w[t, q]
+                    f = f_all[t, j]
+                    n = f.norm()
+                    s["count"][j] += 1
+                    s["gate_sum"][j] += g
+                    s["norm_sum"][j] += n
+                    s["norm_sq_sum"][j] += n * n
+                    s["gate_norm_sum"][j] += g * n
+                    s["gate_norm_sq_sum"][j] += (g * n) ** 2
+                    s["max_act"][j] = max(s["max_act"][j], f.abs().max())
+                    s["gate_norm_dir_sum"][j] += g * n * (1 - torch.dot(f, x[t]) / (n * x[t].norm()))
+                    s["easyep_sum"][j] += g * n * max(1 - cos_h, 0.0)
+                    wd = down_cols(arch, ex, j)  # [H, I]
+                    s["neuron_proj_sum"][j] += a_all[t, j] * (wd.T @ f) / n
+                    s["neuron_l2_sum"][j] += a_all[t, j].abs() * wd.norm(dim=0)
+            c = SCALE.get(arch, 1.0)  # gate of an expert left alone (renormalised routers: the scale)
+            for r in range(batch["input_ids"].shape[0]):
+                toks = [t for t in range(r * seq, (r + 1) * seq) if valid[t]]
+                if not toks:
+                    continue
+                rows["sample_tokens"].append(torch.tensor(float(len(toks))))
+                rows["sample_prob_mean"].append(p[toks].mean(0))
+                rows["sample_norm_mean"].append(f_all[toks].norm(dim=-1).mean(0))
+                rows["sample_recon_loss"].append(torch.stack(
+                    [(y[toks] - c * f_all[toks, j]).norm() for j in range(e)]))
+                mean_x = x[toks].mean(0, keepdim=True)
+                rows["sentence_out"].append(torch.cat([hand_expert(arch, ex, j, mean_x)[0] for j in range(e)]))
+            vi = torch.nonzero(valid).reshape(-1)
+            gen = torch.Generator().manual_seed(0 * 1_000_003 + bi)  # seed 0, global batch index bi
+            pick = vi[torch.randperm(vi.numel(), generator=gen)[:RECON].sort().values]
+            rows["recon_logits"].append(z[pick])
+            rows["recon_expert_out"].append(f_all[pick])
+            rows["recon_target"].append(y[pick])
+        for n, v in rows.items():
+            s[n] = torch.stack(v) if n in ("sample_tokens", "sample_prob_mean", "sample_norm_mean",
+                                           "sample_recon_loss", "sentence_out") else torch.cat(v)
+        ref[li] = s
+    for a, b in itertools.pairwise(layers):
+        tr = torch.zeros(num_experts_of(blocks[a]), num_experts_of(blocks[b]), dtype=torch.float64)
+        for bi, batch in enumerate(batches):
+            valid = batch["attention_mask"].reshape(-1).bool()
+            ia, ib = routes[(a, bi)], routes[(b, bi)]
+            for t in torch.nonzero(valid).reshape(-1).tolist():
+                for i in ia[t].tolist():
+                    for j in ib[t].tolist():
+                        tr[i, j] += 1
+        ref[a]["transition"] = tr
+    return ref
+
+
+# ------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_statistic_matches_brute_force(arch, f64_models):
+    model = f64_models(arch)
+    batches = _batches(arch)
+    stats = observe(model, batches, features=FEATURES, progress=False, recon_tokens=RECON)
+    ref = reference_stats(arch, model, batches)
+    assert stats.moe_layers == sorted(ref)
+    for li, d in ref.items():
+        expected = set(SCHEMA) - ({"transition"} if li == stats.moe_layers[-1] else set())
+        assert set(stats[li]) == expected
+        for name, want in d.items():
+            got = stats.get(li, name)
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want.to(torch.float64), rtol=2e-5, atol=1e-7, msg=f"{arch} L{li} {name}")
+    valid = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert stats.meta["num_tokens"] == valid and stats.meta["num_samples"] == 3
+    r = stats.meta["router"][str(stats.moe_layers[0])]
+    assert r["renormalize"] == (arch != "qwen2_moe") and r["scale"] == pytest.approx(SCALE.get(arch, 1.0))
+    assert r["score"] == ("sigmoid" if arch == "deepseek_v3" else "softmax")
+
+
+def test_meta_describes_model_and_sizes(tiny_cache):
+    model = tiny_cache("qwen3_moe")
+    stats = observe(model, [torch.randint(3, 250, (1, 8))], progress=False, data={"source": "unit"})
+    m = stats.meta
+    assert m["model_type"] == "qwen3_moe" and m["moe_layers"] == [1, 2] and m["next_moe_layer"] == {"1": 2}
+    assert m["num_experts"] == {"1": 8, "2": 8} and m["top_k"] == {"1": 2, "2": 2}
+    assert m["intermediate_size"]["1"] == 32 and m["hidden_size"] == 64 and m["dtype_bytes"] == 4
+    per = 2 * 32 * 64 + 64 * 32 + 64  # gate_up + down + router row
+    assert m["expert_params"] == {"1": per, "2": per}
+    assert m["other_params"] == sum(p.numel() for p in model.parameters()) - 2 * 8 * per
+    assert m["features"] == ["routed"] and m["data"] == {"source": "unit"} and m["num_tokens"] == 8
+
+
+def test_padding_is_masked(tiny_cache):
+    """A right-padded batch gives the statistics of its rows run one by one without padding."""
+    model = tiny_cache("qwen3_moe")
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    feats = ("routed", "paths", "transitions", "direction")
+    padded = observe(model, [{"input_ids": ids, "attention_mask": mask}], features=feats, progress=False)
+    alone = observe(model, [ids[:1, :5], ids[1:]], features=feats, progress=False)
+    for li in padded.moe_layers:
+        for name, t in padded[li].items():
+            torch.testing.assert_close(t, alone[li][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert padded.meta["num_tokens"] == 14 and float(padded[1]["tokens"]) == 14
+    assert padded[1]["count"].sum() == 14 * 2
+
+
+def test_merge_of_shards_equals_one_pass_and_save_load_roundtrip(tiny_cache, tmp_path):
+    model = tiny_cache("mixtral")
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(3, 250, (2, 7), generator=gen) for _ in range(3)]
+    feats = ("routed", "transitions", "paths", "cluster", "reconstruction")
+    whole = observe(model, batches, features=feats, progress=False, recon_tokens=2)
+    a = observe(model, batches[:1], features=feats, progress=False, recon_tokens=2)
+    b = observe(model, batches[1:], features=feats, progress=False, recon_tokens=2, batch_offset=1)
+    a.merge(b)
+    assert a.meta["num_tokens"] == whole.meta["num_tokens"] == 42
+    for li in whole.moe_layers:
+        for name, t in whole[li].items():
+            torch.testing.assert_close(a[li][name], t, rtol=1e-12, atol=1e-12, msg=name)
+    back = ExpertStats.load(whole.save(tmp_path / "stats"))
+    assert back.meta == whole.meta
+    for li in whole.moe_layers:
+        assert all(torch.equal(back[li][n], t) for n, t in whole[li].items())
+
+
+def test_accumulator_state_roundtrip_and_merge(tiny_cache):
+    """Accumulators alone: state_dict -> load_state_dict restores; merge adds (counts) and maxes (max_act)."""
+    from moeprune.observe.capture import MoECapture
+
+    model = tiny_cache("olmoe")
+    one, two, both = RoutedAccumulator(8), RoutedAccumulator(8), RoutedAccumulator(8)
+
+    def feed(*accs):
+        return lambda rec: [a.update(rec) for a in accs if rec.layer == 0]
+    with torch.no_grad():
+        with MoECapture(model, feed(one, both)):
+            model(input_ids=torch.randint(3, 250, (1, 6)))
+        with MoECapture(model, feed(two, both)):
+            model(input_ids=torch.randint(3, 250, (1, 6)))
+    restored = RoutedAccumulator(8).load_state_dict(copy.deepcopy(one.state_dict()))
+    merged = restored.merge(two).result()
+    for n, t in both.result().items():
+        torch.testing.assert_close(merged[n], t, msg=n)
+    assert float(merged["tokens"]) == 12 and merged["count"].sum() == 24
+    with pytest.raises(ValueError, match="expected"):
+        RoutedAccumulator(8).load_state_dict({"count": torch.zeros(8)})
+
+
+def test_gate_on_input_block_semantics(tiny_cache):
+    """Llama4: f = expert(s * x) with gate 1, so sum_k g f is the block's routed output."""
+    from moeprune.observe.capture import MoECapture
+
+    model = tiny_cache("llama4_text")
+    block = model.model.layers[0].feed_forward
+    seen = {}
+    h = block.register_forward_hook(lambda m, a, o: seen.update(x=a[0], out=o[0]))
+    with torch.no_grad(), MoECapture(model) as cap:
+        model(input_ids=torch.randint(3, 250, (2, 5)))
+    h.remove()
+    rec = cap.records[0][0]
+    x = seen["x"].reshape(-1, 64)
+    routed = seen["out"].reshape(-1, 64) - block.shared_expert(x)
+    assert torch.equal(rec.weights, torch.ones_like(rec.weights))
+    torch.testing.assert_close(rec.routed, routed, rtol=1e-5, atol=1e-6)
+    stats = observe(model, [torch.randint(3, 250, (2, 5))], progress=False)
+    assert stats.meta["router"]["0"]["gate_on_input"] is True and stats[0]["count"].sum() == 10
+    torch.testing.assert_close(stats[0]["gate_sum"], stats[0]["count"])
