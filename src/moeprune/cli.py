@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError, ImportError) as e:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

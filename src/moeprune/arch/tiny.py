@@ -26,6 +26,8 @@ COMMON = dict(hidden_size=H, num_hidden_layers=3, num_attention_heads=4, num_key
 
 
 def _mla(**kw):
+    # MLA families need num_key_value_heads == num_attention_heads: with a padded attention mask the SDPA
+    # path repeats the kv heads by heads/kv_heads and the shapes no longer match.
     return dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **kw)
 
 
@@ -55,11 +57,11 @@ def tiny_config(arch: str, *, num_experts: int = E, top_k: int = K) -> transform
         "gpt_oss": lambda: T.GptOssConfig(**c, head_dim=16, intermediate_size=i, num_local_experts=n,
                                           num_experts_per_tok=k, sliding_window=16,
                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-        "deepseek_v3": lambda: T.DeepseekV3Config(**c, **_mla(), intermediate_size=96, moe_intermediate_size=i,
+        "deepseek_v3": lambda: T.DeepseekV3Config(**{**c, "num_key_value_heads": 4}, **_mla(), intermediate_size=96, moe_intermediate_size=i,
                                                   n_routed_experts=n, num_experts_per_tok=k, n_group=2, topk_group=1,
                                                   first_k_dense_replace=1, n_shared_experts=1,
                                                   routed_scaling_factor=2.5, norm_topk_prob=True),
-        "deepseek_v2": lambda: T.DeepseekV2Config(**c, **_mla(), intermediate_size=96, moe_intermediate_size=i,
+        "deepseek_v2": lambda: T.DeepseekV2Config(**{**c, "num_key_value_heads": 4}, **_mla(), intermediate_size=96, moe_intermediate_size=i,
                                                   n_routed_experts=n, num_experts_per_tok=k, n_group=2, topk_group=1,
                                                   topk_method="group_limited_greedy", first_k_dense_replace=1,
                                                   n_shared_experts=1),
@@ -166,10 +168,10 @@ def _extra_builders(n: int, k: int, i: int) -> dict:
             **c, head_dim=16, moe_intermediate_size=i, shared_expert_intermediate_size=48, num_experts=n,
             num_experts_per_tok=k, layer_types=["linear_attention", "full_attention", "full_attention"],
             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
-        "glm4_moe_lite": lambda: T.Glm4MoeLiteConfig(**c, **mla, intermediate_size=96, moe_intermediate_size=i,
+        "glm4_moe_lite": lambda: T.Glm4MoeLiteConfig(**{**c, "num_key_value_heads": 4}, **mla, intermediate_size=96, moe_intermediate_size=i,
                                                      n_routed_experts=n, num_experts_per_tok=k,
                                                      mlp_layer_types=["dense", "sparse", "sparse"]),
-        "axk1": lambda: T.AXK1Config(**c, **mla, head_dim=8, intermediate_size=96, moe_intermediate_size=i,
+        "axk1": lambda: T.AXK1Config(**{**c, "num_key_value_heads": 4}, **mla, head_dim=8, intermediate_size=96, moe_intermediate_size=i,
                                      n_routed_experts=n, num_experts_per_tok=k, n_group=2, topk_group=1,
                                      mlp_layer_types=["dense", "sparse", "sparse"]),
     }
