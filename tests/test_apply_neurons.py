@@ -11,6 +11,7 @@ import transformers
 from moeprune.apply import apply_plan, load_pruned, mask_experts, prune_neurons_, save_pruned
 from moeprune.apply.config import finalize_config, get_record, is_per_layer
 from moeprune.apply.experts import moe_blocks
+from moeprune.apply.neurons import neuron_index
 from moeprune.arch.structure import intermediate_size_of
 from moeprune.arch.tiny import ALL_TINY_ARCHS, example_plan
 from moeprune.plan import LayerPlan, PruningPlan
@@ -108,3 +109,15 @@ def test_odd_widths_are_aligned_for_grouped_mm(tiny_cache, input_ids):
     torch.testing.assert_close(_logits(pruned, input_ids), ref, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="16 bytes"):  # why align exists
         _logits(prune_neurons_(copy.deepcopy(model), keep, align=1), input_ids)
+
+
+def test_neuron_index_pads_with_lowest_removed_channels():
+    """The one width/padding rule (in-memory and streaming apply), by hand: I = 10 channels."""
+    rows = [[1, 4, 7], [0, 2, 3, 5, 6], list(range(10))[:2]]
+    idx, dead = neuron_index(rows, 10, align=1)  # widest = 5
+    assert idx.tolist() == [[1, 4, 7, 0, 2], [0, 2, 3, 5, 6], [0, 1, 2, 3, 4]]
+    assert dead.tolist() == [[False] * 3 + [True] * 2, [False] * 5, [False] * 2 + [True] * 3]
+    idx, dead = neuron_index(rows, 10, align=4)  # 5 -> 8 channels
+    assert idx.tolist()[0] == [1, 4, 7, 0, 2, 3, 5, 6] and dead.sum(1).tolist() == [5, 3, 6]
+    idx, _ = neuron_index(rows, 10)  # ALIGN = 8 rounds 5 up to 8, never past I
+    assert idx.shape == (3, 8) and neuron_index([list(range(9))], 10)[0].shape == (1, 10)

@@ -221,3 +221,21 @@ def test_fused_on_disk_source(tmp_path, arch):
     apply_plan(model, plan)
     sd, ref = load_pruned(out).state_dict(), model.state_dict()
     assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "dbrx"])
+def test_ragged_width_rounded_up_like_apply_plan(sources, tmp_path, arch):
+    """A widest kept count (12) that is not a multiple of 8 is stored at 16 channels (4 dead) by
+    ``apply_plan``; the rewrite uses the same rule (``apply.neurons.neuron_index``) and writes the same."""
+    src = sources(arch)
+    li = next(iter(iter_moe_blocks(tiny_model(arch))))[0]
+    neurons = {0: tuple(range(12)), 2: tuple(range(5, 15)), 5: tuple(range(0, 32, 4)), 7: tuple(range(20, 30))}
+    plan = PruningPlan(
+        layers={li: LayerPlan(num_experts=8, keep=(0, 2, 5, 7), neurons=neurons, intermediate_size=32)},
+        model_type=arch,
+    )
+    _, mem = _in_memory(src, plan, tmp_path / "mem")
+    out = rewrite_checkpoint(src, plan, tmp_path / "stream", progress=False)
+    a, b = _tensors(mem), _tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _config(out)["moe_pruning"]["intermediate_size"][str(li)] == 16

@@ -2,7 +2,8 @@
 
 ``apply_plan(model, plan)`` prunes experts then neurons in place (plan ids are ORIGINAL ids);
 ``mask_experts(model, plan)`` simulates a plan without slicing; ``save_pruned``/``load_pruned``
-write and read HF folders (per-layer shapes via ``config.moe_pruning``).
+write and read HF folders (per-layer shapes via ``config.moe_pruning``);
+``rewrite_checkpoint(src, plan, out)`` applies a plan to safetensors shards without loading the model.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from moeprune.apply.config import finalize_config
 from moeprune.apply.experts import check_expert_ids, moe_blocks, prune_experts_
 from moeprune.apply.masking import mask_experts
 from moeprune.apply.neurons import check_neuron_ids, prune_neurons_
+from moeprune.apply.streaming import rewrite_checkpoint
 from moeprune.arch.adapters import get_adapter
 from moeprune.arch.structure import num_experts_of
 from moeprune.plan import PruningPlan
 
 __all__ = ["apply_plan", "check_plan", "finalize_config", "load_pruned", "mask_experts", "prune_experts_",
-           "prune_neurons_", "save_pruned"]
+           "prune_neurons_", "rewrite_checkpoint", "save_pruned"]
 
 
 def check_plan(model: nn.Module, plan: PruningPlan) -> None:

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from moeprune.apply.config import finalize_config, get_record, is_per_layer
 from moeprune.arch import structure
+from moeprune.atomic import atomic_dir
 from moeprune.plan import PruningPlan
 
 REMOTE_CODE_FILE = "modeling_pruned_moe.py"
@@ -129,9 +129,7 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: PruningPl
     out = Path(out_dir).resolve()
     _check_target(model, out, overwrite)
     finalize_config(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)
@@ -142,16 +140,6 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: PruningPl
             for name in TOKENIZER_FILES:
                 if (source / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(source / name, tmp / name)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "dir")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(out)
 
 

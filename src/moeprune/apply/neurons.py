@@ -56,6 +56,23 @@ def check_neuron_ids(model: nn.Module, keep: dict[int, dict[int, list[int]]],
 ALIGN = 8  # channels: 16-byte rows in bf16/fp16 (32 in fp32), as grouped_mm requires
 
 
+def neuron_index(rows: list[list[int]], inter: int, align: int = ALIGN) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx, dead)`` ``[E, I_new]`` of one layer whose expert ``e`` keeps the sorted channels ``rows[e]``
+    of ``inter``: the one fused width ``I_new`` is the widest count rounded up to a multiple of
+    ``align`` (at most ``inter``); narrower experts are padded with their lowest removed channels,
+    marked ``dead`` (to be zeroed). The single rule of the in-memory and the streaming apply."""
+    n = len(rows)
+    width = min(inter, -(-max(len(r) for r in rows) // align) * align)
+    idx = torch.zeros(n, width, dtype=torch.long)   # [E, I_new] channels kept (padded)
+    dead = torch.zeros(n, width, dtype=torch.bool)  # [E, I_new] padding channels to zero
+    for e, r in enumerate(rows):
+        kept = set(r)
+        pad = [j for j in range(inter) if j not in kept][: width - len(r)]
+        idx[e] = torch.as_tensor(list(r) + pad, dtype=torch.long)
+        dead[e, len(r):] = True
+    return idx, dead
+
+
 def prune_neurons_(model: nn.Module, keep: dict[int, dict[int, list[int]]], *, align: int = ALIGN,
                    finalize: bool = True) -> nn.Module:
     """Keep channels ``keep[layer][expert]`` (current expert ids; experts not listed keep all), in place.
@@ -73,14 +90,7 @@ def prune_neurons_(model: nn.Module, keep: dict[int, dict[int, list[int]]], *, a
         block = blocks[li]
         n, inter = num_experts_of(block), intermediate_size_of(block)
         rows = [per.get(e, list(range(inter))) for e in range(n)]
-        width = min(inter, -(-max(len(r) for r in rows) // align) * align)
-        idx = torch.zeros(n, width, dtype=torch.long)   # [E, I_new] channels kept (padded)
-        dead = torch.zeros(n, width, dtype=torch.bool)  # [E, I_new] padding channels to zero
-        for e, r in enumerate(rows):
-            kept = set(r)
-            pad = [j for j in range(inter) if j not in kept][: width - len(r)]
-            idx[e] = torch.as_tensor(r + pad, dtype=torch.long)
-            dead[e, len(r):] = True
+        idx, dead = neuron_index(rows, inter, align)
         slice_neurons_(block, idx)
         if dead.any():
             kill_channels_(block, dead)

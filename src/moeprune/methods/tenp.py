@@ -27,9 +27,11 @@ expert tensors (transformers 5.x, ``apply``) keep one width per layer, so narrow
 that has a full-width expert are padded back (dead channels) and save nothing there;
 ``plan.meta["params_padded"]`` is that fused-layout count. ``full_start = full_end = 0`` gives the
 paper's uniform-width ENP variant, whose savings any layout realises. ``apply`` also rounds a layer's
-width up to a multiple of 8 channels (grouped_mm alignment); ``channel_multiple=8`` plans widths that
-are stored exactly. Parameters per channel are ``P / I`` (the router row, which does not shrink, is
-spread over the channels: a slight over-count of the saving).
+width up to a multiple of 8 channels (``apply.neurons.ALIGN``: grouped_mm needs 16-byte aligned rows),
+so the default ``channel_multiple=8`` plans widths that are stored exactly; ``channel_multiple=1`` is
+the paper's per-channel granularity (its odd widths are padded with dead channels when applied).
+Parameters per channel are ``P / I`` (the router row, which does not shrink, is spread over the
+channels: a slight over-count of the saving).
 
 Targets: ``param_ratio`` / ``memory_gb`` give ``B``; all experts stay routable (the paper's point: no
 expert is removed, only narrowed). ``expert_sparsity`` asks for expert removal, so TENP then removes
@@ -71,7 +73,8 @@ def trapezoid(num_experts: list[int], full_start: float, full_end: float) -> lis
 @register_method("tenp")
 @dataclass(frozen=True)
 class TENP(MethodConfig):
-    """Important experts at full width (more in deeper layers), the rest narrowed by neuron importance."""
+    """Important experts at full width (more in deeper layers), the rest narrowed by neuron importance.
+    Narrowed widths are multiples of ``channel_multiple`` (default 8: what ``apply`` stores)."""
 
     importance: str = "tenp"
     neuron_score: str = "proj"
@@ -79,7 +82,7 @@ class TENP(MethodConfig):
     full_end: float = 0.4
     width: str = "global"
     min_channels: int = 1
-    channel_multiple: int = 1
+    channel_multiple: int = 8  # apply.neurons.ALIGN: planned widths are stored as is
 
     needs: ClassVar[tuple[str, ...]] = ("routed", "direction", "neurons")
 
@@ -188,7 +191,8 @@ class TENP(MethodConfig):
         if low:
             raise ValueError(
                 f"tenp: the budget leaves narrowed experts of layers {low} fewer than min_channels="
-                f"{self.min_channels} channels; raise the budget or lower full_start/full_end"
+                f"{self.min_channels} channels (widths are multiples of channel_multiple={m}); raise the "
+                "budget, lower full_start/full_end or lower channel_multiple"
             )
         per_ch = {li: (ne[li] - full[li]) * P[li] / inter[li] for li in layers}  # cost of +1 channel
         spent = full_cost + sum(k[li] * per_ch[li] for li in layers)

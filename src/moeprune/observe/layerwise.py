@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from moeprune.atomic import atomic_write, atomic_write_text
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
 from moeprune.observe.experts import build_banks
@@ -170,16 +170,6 @@ class Checkpoint:
                              "checkpoint_dir or resume=False")
         return int(prog["next_layer"])
 
-    def _atomic(self, path: str, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
     def reset(self) -> None:
         """Forget a previous run in this folder (only the files this class writes)."""
         for name in os.listdir(self.folder):
@@ -190,14 +180,14 @@ class Checkpoint:
 
     def write_act(self, layer: int, b: int, h: torch.Tensor) -> None:
         os.makedirs(self._p(f"acts_{layer}"), exist_ok=True)
-        self._atomic(self._p(f"acts_{layer}", f"b{b}.safetensors"),
+        atomic_write(self._p(f"acts_{layer}", f"b{b}.safetensors"),
                      lambda p: save_file({"h": h.detach().to("cpu").contiguous()}, p))
 
     def read_act(self, layer: int, b: int) -> torch.Tensor:
         return load_file(self._p(f"acts_{layer}", f"b{b}.safetensors"))["h"]
 
     def save_calls(self, calls: list) -> None:
-        self._atomic(self._p("calls.pt"), lambda p: torch.save(calls, p))
+        atomic_write(self._p("calls.pt"), lambda p: torch.save(calls, p))
 
     def load_calls(self) -> list:
         return torch.load(self._p("calls.pt"), weights_only=False)
@@ -207,18 +197,13 @@ class Checkpoint:
 
     def commit(self, next_layer: int, state: dict) -> None:
         """Outputs of ``next_layer - 1`` are in ``acts_{next_layer}``: record the accumulators, then progress."""
-        self._atomic(self._p(f"observer_{next_layer}.pt"), lambda p: torch.save(state, p))
+        atomic_write(self._p(f"observer_{next_layer}.pt"), lambda p: torch.save(state, p))
         prog = {"format": FORMAT, "fingerprint": self.fingerprint, "next_layer": next_layer}
-        self._atomic(self._p("progress.json"), lambda p: _write_text(p, json.dumps(prog)))
+        atomic_write_text(self._p("progress.json"), json.dumps(prog))
         for old in range(next_layer):
             shutil.rmtree(self._p(f"acts_{old}"), ignore_errors=True)
             if os.path.exists(self._p(f"observer_{old}.pt")):
                 os.remove(self._p(f"observer_{old}.pt"))
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers: int) -> str:

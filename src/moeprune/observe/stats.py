@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from moeprune.atomic import atomic_write, atomic_write_text
 
 STATS_FORMAT = "moeprune.stats/v1"
 
@@ -130,10 +131,10 @@ class ExpertStats:
         """``folder/stats.safetensors`` + ``folder/stats.json``, each written atomically."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        _atomic(os.path.join(folder, "stats.safetensors"),
-                lambda p: save_file(self.state_dict(), p, metadata={"format": STATS_FORMAT}))
+        atomic_write(os.path.join(folder, "stats.safetensors"),
+                     lambda p: save_file(self.state_dict(), p, metadata={"format": STATS_FORMAT}))
         meta = {"format": STATS_FORMAT, **self.meta}
-        _atomic(os.path.join(folder, "stats.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+        atomic_write_text(os.path.join(folder, "stats.json"), json.dumps(meta, indent=1))
         return folder
 
     @classmethod
@@ -153,13 +154,3 @@ class ExpertStats:
             layers.setdefault(int(li), {})[name] = t
         return cls(layers=layers, meta=meta)
 
-
-def _atomic(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
