@@ -28,7 +28,8 @@ from moeprune.apply import mask_experts  # noqa: E402
 from moeprune.methods import Target, get_method  # noqa: E402
 from moeprune.observe import ExpertStats, build_batches, observe  # noqa: E402
 
-# (label, method name, options, budget kind): "experts" -> expert_sparsity=s, "params" -> param_ratio=1-s
+# (label, method name, options, budget kind): "experts" -> expert_sparsity=s (uniform per layer),
+# "method" -> the same sparsity with the method's own (non-uniform) allocation, "params" -> param_ratio=1-s
 METHODS = [
     ("frequency", "frequency", {}, "experts"),
     ("soft_frequency", "soft_frequency", {}, "experts"),
@@ -41,19 +42,28 @@ METHODS = [
     ("easyep", "easyep", {}, "experts"),
     ("naee", "naee", {"max_combinations": 20000}, "experts"),
     ("cprune", "cprune", {}, "experts"),
-    ("pathfinder", "pathfinder", {}, "experts"),
-    ("pathfinder_coroute", "pathfinder_coroute", {}, "experts"),
+    ("pathfinder (code defaults)", "pathfinder", {}, "experts"),
+    ("pathfinder m=100 all samples", "pathfinder", {"m": 100, "max_samples": None}, "experts"),
+    ("pathfinder non-uniform", "pathfinder", {"m": 100, "max_samples": None}, "method"),
+    ("pathfinder_coroute non-uniform", "pathfinder_coroute", {"m": 100, "max_samples": None}, "method"),
+    ("pathfinder ti_only", "pathfinder", {"m": 100, "max_samples": None, "ablation": "ti_only"}, "experts"),
     ("tenp (params)", "tenp", {}, "params"),
 ]
 
 
-def calibration(splits: dict[str, dict[str, str]], tok, per_domain: int, seq_len: int) -> list[dict]:
-    """``per_domain`` packed rows of ``seq_len`` tokens from each domain's calibration split."""
-    batches = []
+def calibration(splits: dict[str, dict[str, str]], tok, per_domain: int, seq_len: int,
+                batch_size: int = 8) -> list[dict]:
+    """``per_domain`` packed rows of ``seq_len`` tokens from each domain's calibration split, rows of all
+    domains interleaved (seeded), so any prefix of the samples (Pathfinder's ``max_samples``) and every
+    batch (C-Prune clusters per batch) mixes the domains."""
+    rows = []
     for d in sorted(splits):
         docs = [c for doc in split_documents(splits[d]["calib"]) for c in chunk_text(doc, 4000)]
-        batches += build_batches(docs, tok, num_samples=per_domain, seq_len=seq_len, batch_size=per_domain, seed=0)
-    return batches
+        rows += [b["input_ids"] for b in build_batches(docs, tok, num_samples=per_domain, seq_len=seq_len,
+                                                       batch_size=1, seed=0)]
+    ids = torch.cat(rows)[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    return [{"input_ids": ids[i:i + batch_size], "attention_mask": torch.ones_like(ids[i:i + batch_size])}
+            for i in range(0, len(ids), batch_size)]
 
 
 def macro_ppl(model, tok, splits, test_tokens: int) -> dict[str, float]:
@@ -66,11 +76,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy-dir", default=None)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--random-seeds", type=int, default=8)
+    p.add_argument("--random-seeds", type=int, default=8, help="0 skips the random baseline")
     p.add_argument("--per-domain", type=int, default=16, help="calibration rows per domain")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--test-tokens", type=int, default=16384, help="test tokens per domain")
     p.add_argument("--methods", nargs="*", default=None, help="subset of method labels")
+    p.add_argument("--append", action="store_true", help="add these rows to an existing results file "
+                   "(rows of the same method and sparsity are replaced; random/unpruned rows are kept)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
     a = p.parse_args()
     torch.manual_seed(0)
@@ -80,21 +92,23 @@ def main() -> None:
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     stats_dir = a.out + "-stats"
     t0 = time.time()
-    if os.path.isfile(os.path.join(stats_dir, "stats.json")):
-        stats = ExpertStats.load(stats_dir)
+    methods = [m for m in METHODS if a.methods is None or m[0] in a.methods]
+    needs = sorted({g for _, name, _, _ in methods for g in get_method(name).needs})
+    if os.path.isfile(os.path.join(stats_dir, "stats.json")) and \
+            set(needs) <= set(ExpertStats.load(stats_dir).meta.get("features", [])):
+        stats = ExpertStats.load(stats_dir)  # same calibration data and seed: reuse the saved pass
     else:
-        needs = sorted({g for _, name, _, _ in METHODS for g in get_method(name).needs})
         batches = calibration(splits, tok, a.per_domain, a.seq_len)
         stats = observe(model, batches, features=needs, data={"source": "toy-moe calib splits"})
         stats.save(stats_dir)
     print(f"calibration statistics: {time.time() - t0:.1f}s ({', '.join(stats.meta.get('features', []))})")
     rows = [{"method": "unpruned", "sparsity": 0.0, **macro_ppl(model, tok, splits, a.test_tokens)}]
     print(f"unpruned macro ppl {rows[0]['macro']:.2f}")
-    methods = [m for m in METHODS if a.methods is None or m[0] in a.methods]
     for s in a.sparsities:
         for label, name, opts, kind in methods:
             t = time.time()
-            target = Target(expert_sparsity=s) if kind == "experts" else Target(param_ratio=1.0 - s)
+            target = (Target(param_ratio=1.0 - s) if kind == "params" else
+                      Target(expert_sparsity=s, allocation="method" if kind == "method" else "uniform"))
             try:
                 plan = get_method(name, **opts).plan(stats, target)
             except (ValueError, NotImplementedError) as e:
@@ -106,6 +120,8 @@ def main() -> None:
             rows.append({"method": label, "sparsity": s, "kept": plan.kept_counts(), **ppl,
                          "plan_seconds": round(time.time() - t, 2)})
             print(f"{label:20s} s={s:.2f}  macro ppl {ppl['macro']:8.2f}  kept {plan.kept_counts()}")
+        if a.random_seeds < 1:
+            continue
         rand = []
         for seed in range(a.random_seeds):
             plan = get_method("random", seed=seed).plan(stats, Target(expert_sparsity=s))
@@ -116,6 +132,13 @@ def main() -> None:
                      "macro_sd": statistics.stdev(ms) if len(ms) > 1 else 0.0, "macro_min": min(ms),
                      **{d: statistics.fmean(r[d] for r in rand) for d in sorted(splits)}})
         print(f"{'random':20s} s={s:.2f}  macro ppl {rows[-1]['macro']:8.2f} +- {rows[-1]['macro_sd']:.2f}")
+    if a.append and os.path.isfile(a.out + ".jsonl"):
+        with open(a.out + ".jsonl") as f:
+            old = [json.loads(line) for line in f if line.strip()]
+        new_keys = {(r["method"], r["sparsity"]) for r in rows}
+        rows = [r for r in old if (r["method"], r["sparsity"]) not in new_keys] + \
+            [r for r in rows if r["method"] != "unpruned" or not any(o["method"] == "unpruned" for o in old)]
+        rows.sort(key=lambda r: (r["sparsity"], _order(r["method"])))
     with open(a.out + ".jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -124,6 +147,11 @@ def main() -> None:
         f.write(md)
     print("\n" + md)
     print(f"total {time.time() - t0:.0f}s; results in {a.out}.jsonl / .md")
+
+
+def _order(label: str) -> int:
+    labels = [m[0] for m in METHODS]
+    return labels.index(label) if label in labels else len(labels) + (0 if label.startswith("random") else 1)
 
 
 def to_markdown(rows: list[dict], domains: list[str]) -> str:
