@@ -135,7 +135,7 @@ def main() -> None:
     if a.append and os.path.isfile(a.out + ".jsonl"):
         with open(a.out + ".jsonl") as f:
             old = [json.loads(line) for line in f if line.strip()]
-        new_keys = {(r["method"], r["sparsity"]) for r in rows}
+        new_keys = {(r["method"], r["sparsity"]) for r in rows if r["method"] != "unpruned"}
         rows = [r for r in old if (r["method"], r["sparsity"]) not in new_keys] + \
             [r for r in rows if r["method"] != "unpruned" or not any(o["method"] == "unpruned" for o in old)]
         rows.sort(key=lambda r: (r["sparsity"], _order(r["method"])))

@@ -79,6 +79,18 @@ def test_stage_by_stage_chain_and_streaming_equals_in_memory(tmp_path):
     assert res["pruned"]["kl"] > 0 and res["pruned"]["kl_via"] == "two_models"
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
+    # layer-by-layer onloading from disk gives the same statistics as the full pass
+    lw = tmp_path / "stats_lw"
+    assert main(["observe", "--model", str(src), "--data", "builtin:stdlib", "--num-samples", "8", "--seq-len", "64",
+                 "--method", "reap", "--layerwise", "--out", str(lw), "--quiet"]) == 0
+    from moeprune.observe import ExpertStats
+
+    full, layered = ExpertStats.load(stats), ExpertStats.load(lw)
+    assert full.moe_layers == layered.moe_layers
+    for li in full.moe_layers:
+        for name, t in full[li].items():
+            torch.testing.assert_close(layered[li][name], t, rtol=1e-5, atol=1e-6, msg=name)
+    assert sorted(os.listdir(lw)) == ["stats.json", "stats.safetensors"]  # offload + activations cleaned up
     # the source checkpoint is never a valid output
     assert main(["apply", "--model", str(src), "--plan", str(plan), "--out", str(src), "--overwrite"]) == 2
 

@@ -95,6 +95,10 @@ def calibrate(model, tokenizer, cfg: CalibrationConfig, features: tuple[str, ...
         work = os.path.join(stats_dir, "layerwise-work") if stats_dir else None
         stats = observe_layerwise(model, batches, features=features, checkpoint_dir=work, progress=progress,
                                   data=data_info)
+        if work:  # the resumable activations checkpoint is only needed until the pass completes
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
     else:
         stats = observe(model, batches, features=features, progress=progress, data=data_info)
     if stats_dir:

@@ -49,18 +49,33 @@ def cmd_run(a) -> None:
 
 def cmd_observe(a) -> None:
     from moeprune.api import calibrate
-    from moeprune.models import load_model
+    from moeprune.models import load_model, parse_dtype
     from moeprune.recipe import CalibrationConfig
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
                             text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise)
-    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, experts_implementation=a.experts_implementation)
+    if a.layerwise and os.path.isdir(a.model):  # larger than memory: decoder layers stay on disk until used
+        import transformers
+
+        from moeprune.observe import load_offloaded
+
+        impl = "eager" if a.experts_implementation == "auto" and a.device == "cpu" else a.experts_implementation
+        model = load_offloaded(a.model, os.path.join(a.out, "offload"), device=a.device,
+                               dtype=parse_dtype(a.dtype), **({"experts_implementation": impl} if impl else {}))
+        tok = transformers.AutoTokenizer.from_pretrained(a.model)
+    else:
+        model, tok = load_model(a.model, dtype=a.dtype, device=a.device,
+                                experts_implementation=a.experts_implementation)
     feats = tuple(f.strip() for f in a.features.split(",") if f.strip())
     if a.method:
         from moeprune.methods.registry import get_method
 
         feats = tuple(dict.fromkeys(feats + tuple(get_method(a.method).needs)))
     stats = calibrate(model, tok, cfg, feats, stats_dir=a.out, progress=not a.quiet)
+    if a.layerwise:
+        import shutil
+
+        shutil.rmtree(os.path.join(a.out, "offload"), ignore_errors=True)
     print(f"statistics of {len(stats.layers)} MoE layers ({', '.join(feats)}) saved to {a.out}")
 
 
