@@ -331,3 +331,14 @@ def test_registration_options_and_unique_mode():
     # max_samples: only the first sample's paths count
     p = Pathfinder(m=2, max_samples=1).plan(tiny_stats(), Target(expert_sparsity=0.5, allocation="method"))
     assert p.meta["samples_used"] == 1 and p.layers[0].scores == (1.0, 1.0, 0.0, 0.0)
+
+
+def test_group_limited_layers_are_balanced():
+    # n_group=2 (experts {0,1} and {2,3}), top_k=2: a keep set must use the same count (>= 2) per
+    # surviving group; the unbalanced path choice of layer 1 ({2, 3} + one of group 0) is re-balanced
+    st = tiny_stats(top_k=2, n_group={str(li): [2, 1] for li in R})
+    plan = Pathfinder(m=2).plan(st, Target(expert_sparsity=0.25, allocation="method"))
+    for li, keep in plan.keep().items():
+        per = [sum(1 for e in keep if e // 2 == g) for g in range(2)]
+        assert sorted(set(per) - {0}) in ([2],), (li, keep)  # every used group holds exactly 2
+    assert "ungrouped_layers" not in plan.meta

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from moeprune.methods.allocation import balance_groups
 from moeprune.methods.pathfinder_agg import AGGREGATES, aggregate_paths, check_allocation
 from moeprune.methods.pathfinder_dp import one_thread, topm_paths, unique_paths
 from moeprune.methods.registry import MethodConfig, register_method
@@ -194,6 +195,9 @@ class Pathfinder(MethodConfig):
                                                         stable=True)) for li in layers}
         keep, freq, info = aggregate_paths(layers, all_paths, fk_count, fr_any, budget, self.aggregate,
                                            target.allocation, self.m, tie_rank)
+        # group-limited routers (DeepSeek-V3 family) route exactly only with balanced groups
+        keep, ginfo = balance_groups(stats, keep, freq, budget.floors)
+        info.update(ginfo)
         plans = {li: LayerPlan(num_experts=budget.num_experts[li], keep=tuple(keep[li]),
                                scores=tuple(float(x) for x in freq[li])) for li in layers}
         meta = {"samples_used": used, "paths_per_sample": [int(p.shape[0]) for p in all_paths],
