@@ -121,3 +121,29 @@ def test_listings(capsys):
     out = capsys.readouterr().out
     for mt in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "dbrx"):
         assert mt in out
+
+
+def test_run_layerwise_streaming_equals_in_memory_run(tmp_path):
+    """Models larger than memory: decoder layers stay on disk while observing, the checkpoint is rewritten
+    shard by shard; same statistics, plan and pruned tensors as the in-memory run."""
+    from moeprune.arch.tiny import tiny_model
+    from moeprune.models import byte_tokenizer
+
+    src = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    common = ["--quiet", "--set", f"model={src}", "--set", "method.name=reap", *sum([["--set", s] for s in SMALL], []),
+              "--set", "report=false"]
+    big, mem = tmp_path / "big", tmp_path / "mem"
+    assert main(["run", str(big), *common, "--set", "calibration.layerwise=true", "--set", "apply.mode=streaming"]) == 0
+    assert main(["run", str(mem), *common]) == 0
+    assert json.loads((big / "plan.json").read_text())["layers"] == json.loads((mem / "plan.json").read_text())["layers"]
+    a, b = _tensors(str(big / "model")), _tensors(str(mem / "model"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    eb, em = json.loads((big / "eval.json").read_text()), json.loads((mem / "eval.json").read_text())
+    assert eb["pruned"]["ppl"] == pytest.approx(em["pruned"]["ppl"], rel=1e-4)
+    assert eb["pruned"]["kl"] == pytest.approx(em["pruned"]["kl"], rel=1e-3, abs=1e-6)
+    assert not any(p.name.startswith(".offload") for p in big.iterdir())
+    # in-place pruning cannot work on a model whose layers live on disk: clear error, nothing half-done
+    assert main(["run", str(tmp_path / "bad"), *common, "--set", "calibration.layerwise=true"]) == 2
+    assert not (tmp_path / "bad").exists()

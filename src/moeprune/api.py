@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,9 +167,11 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
 
     ``model``: hub id, folder, ``tiny:<model_type>`` or a loaded model (then pass ``tokenizer``).
     ``recipe``: a ``Recipe``, YAML path, method name (``"reap"``) or method config (``REAP()``).
-    ``sparsity`` overrides the recipe's target with an expert sparsity."""
+    ``sparsity`` overrides the recipe's target with an expert sparsity. With ``apply.mode: streaming`` the
+    checkpoint folder is rewritten shard by shard (the model is not pruned in memory); add
+    ``calibration.layerwise: true`` for models larger than memory (decoder layers stay on disk)."""
     from moeprune.apply import apply_plan, save_pruned
-    from moeprune.models import load_model
+    from moeprune.models import load_model, load_offloaded_model
 
     r, method = resolve_recipe(recipe)
     updates: dict[str, Any] = {}
@@ -180,7 +184,7 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
         updates["model"] = getattr(model, "name_or_path", None) or "<in-memory model>"
     else:
         updates["model"] = model
-    r = r.model_copy(update=updates)
+    r = Recipe.model_validate(r.model_copy(update=updates).model_dump())  # re-check the combination
     out = os.fspath(output_dir) if output_dir is not None else None
     if out is not None:
         if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -190,27 +194,58 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
             f.write(r.dump())
     torch.manual_seed(r.seed)
     t0 = time.time()
-    m, tok = load_model(model, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
+    streaming = r.apply.mode == "streaming"
+    if streaming and out is None:
+        raise ValueError("apply.mode=streaming rewrites the checkpoint into output_dir/model: pass output_dir")
+    offload = None
+    if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):
+        if not streaming:
+            raise ValueError("calibration.layerwise=true keeps the decoder layers of the checkpoint on disk, so "
+                             "the model is never whole in memory to prune in place; set apply.mode: streaming")
+        offload = tempfile.mkdtemp(prefix=".offload-", dir=out)
+        m, tok = load_offloaded_model(model, offload, dtype=r.dtype, device=r.device,
+                                      experts_implementation=r.experts_implementation)
+    else:
+        m, tok = load_model(model, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
     tok = tokenizer or tok
-    if tok is None:
-        raise ValueError("no tokenizer: pass tokenizer=... (the model folder has none)")
-    stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
-                      stats_dir=os.path.join(out, "stats") if out else None)
-    plan = method.plan(stats, r.target.build())
-    if out:
-        plan.save(os.path.join(out, "plan.json"))
-    results: dict[str, Any] = {}
-    if _has_eval(r.eval):
-        results["original"] = measure(m, tok, r.eval, progress=progress)
-        kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress)
-    apply_plan(m, plan)
-    if _has_eval(r.eval):
-        results["pruned"] = {**measure(m, tok, r.eval, progress=progress), **kl,
-                             "method": plan.method, "expert_sparsity": plan.expert_sparsity()}
+    try:
+        if tok is None:
+            raise ValueError("no tokenizer: pass tokenizer=... (the model folder has none)")
+        stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
+                          stats_dir=os.path.join(out, "stats") if out else None)
+        plan = method.plan(stats, r.target.build())
+        if out:
+            plan.save(os.path.join(out, "plan.json"))
+        results: dict[str, Any] = {}
+        evaluate = _has_eval(r.eval)
+        if evaluate:
+            results["original"] = measure(m, tok, r.eval, progress=progress)
+        summary = {"method": plan.method, "expert_sparsity": plan.expert_sparsity()}
+        if streaming:  # out of core: shards are rewritten, the pruned model is loaded only to evaluate it
+            from moeprune.apply.streaming import rewrite_checkpoint
+
+            path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
+                                      progress=progress)
+            pruned = None
+            if evaluate:
+                pruned, _ = load_model(path, dtype=r.dtype, device=r.device,
+                                       experts_implementation=r.experts_implementation)
+                results["pruned"] = {**measure(pruned, tok, r.eval, progress=progress),
+                                     **kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress), **summary}
+            m = pruned
+        else:
+            kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate else {}
+            apply_plan(m, plan)
+            if evaluate:
+                results["pruned"] = {**measure(m, tok, r.eval, progress=progress), **kl, **summary}
+            if out and r.apply.save:
+                save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok,
+                            max_shard_size=r.apply.max_shard_size)
+    finally:
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
     timings = {"seconds": round(time.time() - t0, 2)}
     if out:
-        if r.apply.save:
-            save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok, max_shard_size=r.apply.max_shard_size)
         if results:
             _write_json(os.path.join(out, "eval.json"), {**results, **timings})
         if r.report:

@@ -49,20 +49,14 @@ def cmd_run(a) -> None:
 
 def cmd_observe(a) -> None:
     from moeprune.api import calibrate
-    from moeprune.models import load_model, parse_dtype
+    from moeprune.models import load_model, load_offloaded_model
     from moeprune.recipe import CalibrationConfig
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
                             text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise)
     if a.layerwise and os.path.isdir(a.model):  # larger than memory: decoder layers stay on disk until used
-        import transformers
-
-        from moeprune.observe import load_offloaded
-
-        impl = "eager" if a.experts_implementation == "auto" and a.device == "cpu" else a.experts_implementation
-        model = load_offloaded(a.model, os.path.join(a.out, "offload"), device=a.device,
-                               dtype=parse_dtype(a.dtype), **({"experts_implementation": impl} if impl else {}))
-        tok = transformers.AutoTokenizer.from_pretrained(a.model)
+        model, tok = load_offloaded_model(a.model, os.path.join(a.out, "offload"), dtype=a.dtype, device=a.device,
+                                          experts_implementation=a.experts_implementation)
     else:
         model, tok = load_model(a.model, dtype=a.dtype, device=a.device,
                                 experts_implementation=a.experts_implementation)

@@ -85,3 +85,20 @@ def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None =
     if tok is not None and tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
+
+
+def load_offloaded_model(path: str, offload_folder: str, *, dtype: str | torch.dtype | None = "float32",
+                         device: str = "cpu", experts_implementation: str | None = "auto"):
+    """``(model, tokenizer)`` with every decoder layer of the checkpoint kept on disk (accelerate offload)
+    until used: for layer-wise observation of models larger than memory."""
+    from moeprune.observe import load_offloaded
+
+    if experts_implementation == "auto":
+        experts_implementation = "eager" if str(device).startswith("cpu") else None
+    kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    model = load_offloaded(path, offload_folder, device=device, dtype=parse_dtype(dtype), **kw)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = None
+    return model.eval(), tok

@@ -113,6 +113,9 @@ class Recipe(_Strict):
         if self.apply.mode == "streaming" and (self.model.startswith("tiny:") or not os.path.isdir(self.model)):
             raise ValueError(f"apply.mode=streaming rewrites a checkpoint folder; model={self.model!r} is not one "
                              "(use mode: structural)")
+        if self.calibration.layerwise and os.path.isdir(self.model) and self.apply.mode != "streaming":
+            raise ValueError("calibration.layerwise=true keeps the decoder layers of the checkpoint on disk, so "
+                             "the model is never whole in memory to prune in place; set apply.mode: streaming")
         return self
 
     # ---- io
