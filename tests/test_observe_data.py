@@ -7,7 +7,6 @@ import random
 import pandas as pd
 import pytest
 import torch
-import transformers
 
 from moeprune.observe import (
     build_batches,
@@ -23,15 +22,9 @@ TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% end
 @pytest.fixture(scope="module")
 def tok():
     """A 256-token byte-level tokenizer (no hub): ids fit the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from moeprune.models import byte_tokenizer
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t)
-    fast.pad_token, fast.bos_token, fast.eos_token = alphabet[0], alphabet[1], alphabet[2]
-    return fast
+    return byte_tokenizer()
 
 
 def _jsonl(path, rows):
