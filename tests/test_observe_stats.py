@@ -308,3 +308,18 @@ def test_gate_on_input_block_semantics(tiny_cache):
     stats = observe(model, [torch.randint(3, 250, (2, 5))], progress=False)
     assert stats.meta["router"]["0"]["gate_on_input"] is True and stats[0]["count"].sum() == 10
     torch.testing.assert_close(stats[0]["gate_sum"], stats[0]["count"])
+
+
+def test_selection_bias_is_the_routers_correction_bias(tiny_cache):
+    """NAEE's routing simulation needs the selection-only bias: saved per layer with reconstruction."""
+    from moeprune.arch.structure import iter_moe_blocks
+
+    model = tiny_cache("deepseek_v3")
+    st = observe(model, [torch.randint(3, 250, (1, 8), generator=torch.Generator().manual_seed(2))],
+                 features=("routed", "reconstruction"), progress=False)
+    for li, _, block in iter_moe_blocks(model):
+        expect = block.gate.e_score_correction_bias.double()
+        assert torch.equal(st[li]["selection_bias"], expect) and expect.abs().sum() > 0
+    model = tiny_cache("qwen3_moe")  # no selection bias: zeros
+    st = observe(model, [torch.randint(3, 250, (1, 8))], features=("routed", "reconstruction"), progress=False)
+    assert all(float(st[li]["selection_bias"].abs().sum()) == 0 for li in st.moe_layers)

@@ -50,3 +50,5 @@ def test_method_plan_applies_exactly(observed, arch, name):
     with torch.no_grad():
         out = pruned(input_ids=x).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    if name == "naee":  # the routing simulation reproduces the router exactly (selection bias, groups, scale)
+        assert max(plan.meta["recon_fidelity"].values()) < 1e-6

@@ -14,10 +14,12 @@ set (= softmax of log p); group-limited routers first keep the ``topk_group`` be
 sum of the top-2 scores for sigmoid routers as in DeepSeek-V3, the maximum for softmax routers as in
 DeepSeek-V2); then top-k, ``renormalize``, ``scale``; ``gate_on_input`` routers (Llama-4) weigh outputs by 1
 (the gate is inside ``f``). Router columns beyond the E real experts (LongCat's zero experts) stay
-routable but add nothing to ``Y'``. Selection-only biases (``e_score_correction_bias``) are not in the
-stats, so biased routers are approximated: ``plan.meta["recon_fidelity"]`` holds, per layer,
-``||Y - Y'_all|| / ||Y||`` with every expert kept (0 when the simulation is exact) and a warning is logged
-above ``fidelity_tol``. Group-limited layers only enumerate group-balanced keep sets.
+routable but add nothing to ``Y'``. Selection-only biases (``e_score_correction_bias``, saved by observe as
+``selection_bias``) shift the choice of experts and groups but not the weights. Routers whose logic is not
+reproduced exactly (PhiMoE's sparsemixer; LongCat, whose identity experts add their input, which the
+statistics do not keep) are approximated: ``plan.meta["recon_fidelity"]`` holds, per
+layer, ``||Y - Y'_all|| / ||Y||`` with every expert kept (0 when the simulation is exact) and a warning is
+logged above ``fidelity_tol``. Group-limited layers only enumerate group-balanced keep sets.
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ def route(
     top_k: int,
     router: dict[str, Any],
     groups: tuple[int, int] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense gate weights ``[T, E]`` of routing ``logits [T, E_router]`` with only ``keep`` (bool ``[E]``) on."""
+    """Dense gate weights ``[T, E]`` of routing ``logits [T, E_router]`` with only ``keep`` (bool ``[E]``) on.
+
+    ``bias [E_router]``: selection-only bias (DeepSeek-V3 ``e_score_correction_bias`` and kin), added to the
+    scores to choose the top-k and the groups; the weights are the unbiased scores of the chosen experts."""
     E = keep.numel()
     if logits.shape[1] > E:  # extra router columns (zero experts) are never pruned
         keep = torch.cat([keep, keep.new_ones(logits.shape[1] - E)])
@@ -64,7 +70,8 @@ def route(
         p = torch.sigmoid(lg)
     else:
         raise ValueError(f"unknown router score {kind!r}; expected softmax, sigmoid or probs")
-    sel = p.masked_fill(~keep, float("-inf"))  # [T, E_r] selection scores
+    sel = p if bias is None else p + bias.to(p)  # [T, E_r] selection scores
+    sel = sel.masked_fill(~keep, float("-inf"))
     if groups is not None:
         ng, tg = groups
         g = sel[:, :E].reshape(sel.shape[0], ng, E // ng)  # [T, G, E/G]
@@ -73,7 +80,8 @@ def route(
             1, gscore.topk(min(tg, ng), -1).indices, True
         )
         sel[:, :E] = sel[:, :E].masked_fill(~chosen.repeat_interleave(E // ng, dim=1), float("-inf"))
-    w, idx = sel.topk(top_k, dim=-1)  # [T, k]
+    idx = sel.topk(top_k, dim=-1).indices  # [T, k]
+    w = p.gather(-1, idx)
     if router.get("gate_on_input"):
         w = torch.ones_like(w)
     else:
@@ -90,11 +98,14 @@ def reconstruction_loss_fn(stats: ExpertStats, layer: int):
     target = stats.get(layer, "recon_target").double()  # [T, H]
     top_k, router = layer_top_k(stats, layer), layer_meta(stats, "router", layer, {})
     groups = group_layout(stats, layer)
+    bias = stats.layers[layer].get("selection_bias")  # absent in statistics saved before it existed
+    if bias is not None:
+        bias = torch.where(torch.isfinite(bias), bias, torch.zeros_like(bias)).double()
 
     def loss(keep) -> float:
         mask = torch.zeros(out.shape[1], dtype=torch.bool)
         mask[list(keep)] = True
-        w = route(logits, mask, top_k, router, groups)  # [T, E]
+        w = route(logits, mask, top_k, router, groups, bias)  # [T, E]
         return float(torch.linalg.norm(target - torch.einsum("te,teh->th", w, out)))
 
     return loss

@@ -276,6 +276,19 @@ class ClusterAccumulator(Accumulator):
         self._cat("sentence_out", rec.bank.all_outputs(mean))
 
 
+def selection_bias(block) -> torch.Tensor:
+    """``[E_router]`` float64 sum of a block's selection-only biases (``e_score_correction_bias``,
+    ``expert_bias``, ``moe_statics``): they change which experts are chosen, not their weights."""
+    from moeprune.apply.masking import selection_biases
+    from moeprune.arch.structure import get_router, router_weight
+
+    out = torch.zeros(router_weight(get_router(block)).shape[0], dtype=torch.float64)
+    for mod, attr, dim in selection_biases(block):
+        t = getattr(mod, attr).detach().to("cpu", torch.float64)
+        out[: t.shape[dim]] += t.movedim(dim, -1).reshape(-1, t.shape[dim]).sum(0)
+    return out
+
+
 class ReconstructionAccumulator(Accumulator):
     """NAEE: router logits, every expert's output and the routed output on a seeded token subsample
     (``tokens_per_batch`` valid tokens per batch; the choice depends only on seed and batch index, so it
@@ -286,12 +299,16 @@ class ReconstructionAccumulator(Accumulator):
     def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int = 16,
                  seed: int = 0):
         super().__init__({"recon_logits": (router_width,), "recon_expert_out": (num_experts, hidden_size),
-                          "recon_target": (hidden_size,)})
+                          "recon_target": (hidden_size,), "selection_bias": (router_width,)})
+        self._state["selection_bias"] = torch.full((router_width,), float("-inf"), dtype=torch.float64)
         if tokens_per_batch < 1:
             raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
 
     def update(self, rec: MoERecord) -> None:
+        # read while the layer is live (layer-wise runs onload it only for its forward); "max" merges ranks
+        bias = selection_bias(rec.bank.block).to(self._state["selection_bias"].device)
+        self._state["selection_bias"] = torch.maximum(self._state["selection_bias"], bias)
         vi = rec.valid_index
         if vi is None:
             vi = torch.arange(rec.x.shape[0], device=rec.x.device)
