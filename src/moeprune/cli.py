@@ -94,7 +94,13 @@ def cmd_apply(a) -> None:
     if a.streaming:
         from moeprune.apply.streaming import rewrite_checkpoint
 
-        out = rewrite_checkpoint(a.model, plan, a.out, max_shard_size=a.max_shard_size)
+        src = a.model
+        if not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache offline)
+            from huggingface_hub import snapshot_download
+
+            src = snapshot_download(a.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                             "*.py", "*.jinja"])
+        out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size)
     else:
         from moeprune.apply import apply_plan, save_pruned
         from moeprune.models import load_model
