@@ -147,3 +147,35 @@ def test_run_layerwise_streaming_equals_in_memory_run(tmp_path):
     # in-place pruning cannot work on a model whose layers live on disk: clear error, nothing half-done
     assert main(["run", str(tmp_path / "bad"), *common, "--set", "calibration.layerwise=true"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_observe_under_torchrun_equals_single_process(tmp_path):
+    """``torchrun -m moeprune.cli observe``: 2 gloo ranks, rank 0 saves statistics equal to one process's."""
+    import subprocess
+    import sys
+
+    from moeprune.arch.tiny import tiny_model
+    from moeprune.models import byte_tokenizer
+    from moeprune.observe import ExpertStats
+
+    src = tmp_path / "src"
+    tiny_model("qwen3_moe").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    args = ["observe", "--model", str(src), "--num-samples", "8", "--seq-len", "32", "--batch-size", "2",
+            "--features", "routed,paths", "--quiet"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+                    "-m", "moeprune.cli", *args, "--out", str(two)], check=True, env=env, timeout=300,
+                   capture_output=True)
+    a, b = ExpertStats.load(one), ExpertStats.load(two)
+    assert b.meta["world_size"] == 2 and a.moe_layers == b.moe_layers
+    for li in a.moe_layers:
+        for name, t in a[li].items():
+            torch.testing.assert_close(b[li][name], t, rtol=1e-6, atol=1e-6, msg=name)

@@ -89,10 +89,23 @@ def calibration_batches(tokenizer, cfg: CalibrationConfig) -> tuple[list[dict], 
 
 def calibrate(model, tokenizer, cfg: CalibrationConfig, features: tuple[str, ...], *,
               stats_dir: str | None = None, progress: bool = True) -> ExpertStats:
-    """Tokenise the calibration data and run one observation pass collecting ``features``."""
+    """Tokenise the calibration data and run one observation pass collecting ``features``. Under an
+    initialised ``torch.distributed`` group (e.g. ``torchrun``) every rank observes its shard of the batches
+    and rank 0 gets (and saves) the merged statistics; the other ranks get None."""
     from moeprune.observe import observe, observe_layerwise
 
     batches, data_info = calibration_batches(tokenizer, cfg)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if cfg.layerwise:
+            raise ValueError("layer-wise and data-parallel calibration cannot be combined; drop one")
+        from moeprune.observe import observe_distributed
+
+        stats = observe_distributed(model, batches, features=features, progress=progress, data=data_info)
+        if stats is not None and stats_dir:  # rank 0 holds the merged statistics
+            stats.save(stats_dir)
+        return stats
     if cfg.layerwise:
         work = os.path.join(stats_dir, "layerwise-work") if stats_dir else None
         stats = observe_layerwise(model, batches, features=features, checkpoint_dir=work, progress=progress,

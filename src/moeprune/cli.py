@@ -12,6 +12,7 @@ EPILOG = """examples:
   moeprune demo out/demo                                   # tiny model, built-in data, REAP 50%
   moeprune run recipe.yaml out/run --set target.expert_sparsity=0.25
   moeprune observe --model Qwen/Qwen3-30B-A3B --data calib.jsonl --features routed --out out/stats
+  torchrun --nproc-per-node 8 -m moeprune.cli observe ...  # data-parallel: rank 0 saves merged stats
   moeprune plan --stats out/stats --method msan --sparsity 0.5 --out out/plan.json
   moeprune apply --model Qwen/Qwen3-30B-A3B --plan out/plan.json --out out/model --streaming
   moeprune eval --model out/model --base Qwen/Qwen3-30B-A3B --text heldout.txt --out out/eval.json
@@ -65,12 +66,30 @@ def cmd_observe(a) -> None:
         from moeprune.methods.registry import get_method
 
         feats = tuple(dict.fromkeys(feats + tuple(get_method(a.method).needs)))
+    dist = _init_distributed()
     stats = calibrate(model, tok, cfg, feats, stats_dir=a.out, progress=not a.quiet)
+    if dist is not None:
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     if a.layerwise:
         import shutil
 
         shutil.rmtree(os.path.join(a.out, "offload"), ignore_errors=True)
     print(f"statistics of {len(stats.layers)} MoE layers ({', '.join(feats)}) saved to {a.out}")
+
+
+def _init_distributed():
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist
 
 
 def cmd_plan(a) -> None:
