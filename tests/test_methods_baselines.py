@@ -166,6 +166,6 @@ def test_route_extra_router_columns_and_gate_on_input():
     keep = torch.tensor([True, False, True])
     w = route(lg, keep, 2, {"score": "softmax", "renormalize": False, "scale": 1.0})
     p = torch.softmax(torch.tensor([3.0, float("-inf"), 2.0, 5.0]), -1)
-    assert w.shape == (1, 3) and w[0].tolist() == pytest.approx([p[0].item(), 0, 0])  # zero expert took a slot
+    assert w.shape == (1, 4) and w[0].tolist() == pytest.approx([p[0].item(), 0, 0, p[3].item()])  # zero expert slot
     w = route(lg[:, :3], keep, 2, {"score": "sigmoid", "gate_on_input": True})
     assert w[0].tolist() == [1.0, 0.0, 1.0]

@@ -203,7 +203,7 @@ def test_every_statistic_matches_brute_force(arch, f64_models):
     ref = reference_stats(arch, model, batches)
     assert stats.moe_layers == sorted(ref)
     for li, d in ref.items():
-        expected = set(SCHEMA) - ({"transition"} if li == stats.moe_layers[-1] else set())
+        expected = set(SCHEMA) - {"recon_input"} - ({"transition"} if li == stats.moe_layers[-1] else set())
         assert set(stats[li]) == expected
         for name, want in d.items():
             got = stats.get(li, name)

@@ -1,6 +1,8 @@
 """Every registered method, end to end on real statistics of tiny models: observe -> plan -> apply.
 
-The plan must apply without changing routing semantics (group-limited routers keep balanced groups,
+deepseek_v3: sigmoid router, selection bias, groups; qwen2_moe: gated shared expert; longcat_flash: identity
+(zero-compute) experts after the real ones. The plan must apply without changing routing semantics
+(group-limited routers keep balanced groups,
 ``regroup="error"``), and the pruned model must equal the original with the plan simulated by
 router masking.
 """
@@ -16,7 +18,7 @@ from moeprune.arch.tiny import tiny_model
 from moeprune.methods import METHODS, Target, get_method
 from moeprune.observe import observe
 
-ARCHS = ("deepseek_v3", "qwen2_moe")
+ARCHS = ("deepseek_v3", "qwen2_moe", "longcat_flash")
 OPTIONS = {"naee": {"max_combinations": 100}, "tenp": {"channel_multiple": 8}}
 
 

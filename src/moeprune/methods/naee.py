@@ -16,8 +16,8 @@ DeepSeek-V2); then top-k, ``renormalize``, ``scale``; ``gate_on_input`` routers 
 (the gate is inside ``f``). Router columns beyond the E real experts (LongCat's zero experts) stay
 routable but add nothing to ``Y'``. Selection-only biases (``e_score_correction_bias``, saved by observe as
 ``selection_bias``) shift the choice of experts and groups but not the weights. Routers whose logic is not
-reproduced exactly (PhiMoE's sparsemixer; LongCat, whose identity experts add their input, which the
-statistics do not keep) are approximated: ``plan.meta["recon_fidelity"]`` holds, per
+reproduced exactly (PhiMoE's sparsemixer) are approximated; LongCat's identity experts add their gate
+times the block input (``recon_input``). Approximations are reported: ``plan.meta["recon_fidelity"]`` holds, per
 layer, ``||Y - Y'_all|| / ||Y||`` with every expert kept (0 when the simulation is exact) and a warning is
 logged above ``fidelity_tol``. Group-limited layers only enumerate group-balanced keep sets.
 """
@@ -53,7 +53,8 @@ def route(
     groups: tuple[int, int] | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense gate weights ``[T, E]`` of routing ``logits [T, E_router]`` with only ``keep`` (bool ``[E]``) on.
+    """Dense gate weights ``[T, E_router]`` of routing ``logits [T, E_router]`` with only ``keep`` (bool ``[E]``)
+    on; columns past ``E`` are LongCat's identity experts (never pruned).
 
     ``bias [E_router]``: selection-only bias (DeepSeek-V3 ``e_score_correction_bias`` and kin), added to the
     scores to choose the top-k and the groups; the weights are the unbiased scores of the chosen experts."""
@@ -88,7 +89,7 @@ def route(
         if router.get("renormalize", True):
             w = w / (w.sum(-1, keepdim=True) + (1e-20 if kind == "sigmoid" else 0.0))
         w = w * float(router.get("scale", 1.0))
-    return torch.zeros_like(p).scatter(-1, idx, w)[:, :E]
+    return torch.zeros_like(p).scatter(-1, idx, w)  # [T, E_router]
 
 
 def reconstruction_loss_fn(stats: ExpertStats, layer: int):
@@ -98,6 +99,8 @@ def reconstruction_loss_fn(stats: ExpertStats, layer: int):
     target = stats.get(layer, "recon_target").double()  # [T, H]
     top_k, router = layer_top_k(stats, layer), layer_meta(stats, "router", layer, {})
     groups = group_layout(stats, layer)
+    x = stats.layers[layer].get("recon_input")  # [T, H], only with identity experts
+    x = x.double() if x is not None else None
     bias = stats.layers[layer].get("selection_bias")  # absent in statistics saved before it existed
     if bias is not None:
         bias = torch.where(torch.isfinite(bias), bias, torch.zeros_like(bias)).double()
@@ -105,8 +108,11 @@ def reconstruction_loss_fn(stats: ExpertStats, layer: int):
     def loss(keep) -> float:
         mask = torch.zeros(out.shape[1], dtype=torch.bool)
         mask[list(keep)] = True
-        w = route(logits, mask, top_k, router, groups, bias)  # [T, E]
-        return float(torch.linalg.norm(target - torch.einsum("te,teh->th", w, out)))
+        w = route(logits, mask, top_k, router, groups, bias)  # [T, E_router]
+        approx = torch.einsum("te,teh->th", w[:, : out.shape[1]], out)
+        if x is not None:  # identity experts add their gate times the block input
+            approx = approx + w[:, out.shape[1]:].sum(-1, keepdim=True) * x
+        return float(torch.linalg.norm(target - approx))
 
     return loss
 

@@ -298,8 +298,11 @@ class ReconstructionAccumulator(Accumulator):
 
     def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int = 16,
                  seed: int = 0):
-        super().__init__({"recon_logits": (router_width,), "recon_expert_out": (num_experts, hidden_size),
-                          "recon_target": (hidden_size,), "selection_bias": (router_width,)})
+        shapes = {"recon_logits": (router_width,), "recon_expert_out": (num_experts, hidden_size),
+                  "recon_target": (hidden_size,), "selection_bias": (router_width,)}
+        if router_width > num_experts:  # LongCat identity experts output their input
+            shapes["recon_input"] = (hidden_size,)
+        super().__init__(shapes)
         self._state["selection_bias"] = torch.full((router_width,), float("-inf"), dtype=torch.float64)
         if tokens_per_batch < 1:
             raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
@@ -319,3 +322,5 @@ class ReconstructionAccumulator(Accumulator):
         self._cat("recon_logits", lg)
         self._cat("recon_expert_out", rec.bank.all_outputs(rec.x.index_select(0, pick), lg))
         self._cat("recon_target", rec.routed.index_select(0, pick))
+        if "recon_input" in self.shapes:
+            self._cat("recon_input", rec.x.index_select(0, pick))

@@ -60,6 +60,8 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "recon_logits": ("reconstruction", "cat", "[T_s, E]", "router logits of cached tokens"),
     "recon_expert_out": ("reconstruction", "cat", "[T_s, E, H]", "f_j(x_t) for every expert on cached tokens"),
     "recon_target": ("reconstruction", "cat", "[T_s, H]", "routed block output (sum_k g*f) of cached tokens"),
+    "recon_input": ("reconstruction", "cat", "[T_s, H]",
+                    "block input of cached tokens (only for routers with identity experts, LongCat)"),
     "selection_bias": ("reconstruction", "max", "[E_router]",
                        "selection-only router bias (e_score_correction_bias, expert_bias, moe_statics) added to "
                        "the scores for top-k choice only; zeros when the router has none"),
