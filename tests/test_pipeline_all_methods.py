@@ -2,9 +2,8 @@
 
 deepseek_v3: sigmoid router, selection bias, groups; qwen2_moe: gated shared expert; longcat_flash: identity
 (zero-compute) experts after the real ones. The plan must apply without changing routing semantics
-(group-limited routers keep balanced groups,
-``regroup="error"``), and the pruned model must equal the original with the plan simulated by
-router masking.
+(group-limited routers keep balanced groups, ``regroup="error"``), and the pruned model must equal the
+original with the plan simulated by router masking.
 """
 from __future__ import annotations
 
