@@ -182,10 +182,16 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
     ``recipe``: a ``Recipe``, YAML path, method name (``"reap"``) or method config (``REAP()``).
     ``sparsity`` overrides the recipe's target with an expert sparsity. With ``apply.mode: streaming`` the
     checkpoint folder is rewritten shard by shard (the model is not pruned in memory); add
-    ``calibration.layerwise: true`` for models larger than memory (decoder layers stay on disk)."""
+    ``calibration.layerwise: true`` for models larger than memory (decoder layers stay on disk); the
+    result's ``model`` is then the reloaded pruned model when it was evaluated, else None."""
+    import torch.distributed as dist
+
     from moeprune.apply import apply_plan, save_pruned
     from moeprune.models import load_model, load_offloaded_model
 
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("oneshot runs in one process; for data-parallel calibration run `moeprune observe` under "
+                         "torchrun, then `moeprune plan` and `moeprune apply`")
     r, method = resolve_recipe(recipe)
     updates: dict[str, Any] = {}
     if dataset is not None:
