@@ -199,10 +199,7 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
     if sparsity is not None:
         updates["target"] = r.target.model_copy(update={"expert_sparsity": sparsity, "param_ratio": None,
                                                          "memory_gb": None})
-    if not isinstance(model, str):
-        updates["model"] = getattr(model, "name_or_path", None) or "<in-memory model>"
-    else:
-        updates["model"] = model
+    updates["model"] = model if isinstance(model, str) else getattr(model, "name_or_path", None) or "<in-memory model>"
     r = Recipe.model_validate(r.model_copy(update=updates).model_dump())  # re-check the combination
     out = os.fspath(output_dir) if output_dir is not None else None
     if out is not None:
@@ -217,10 +214,7 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
     if streaming and out is None:
         raise ValueError("apply.mode=streaming rewrites the checkpoint into output_dir/model: pass output_dir")
     offload = None
-    if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):
-        if not streaming:
-            raise ValueError("calibration.layerwise=true keeps the decoder layers of the checkpoint on disk, so "
-                             "the model is never whole in memory to prune in place; set apply.mode: streaming")
+    if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):  # the recipe ensures streaming
         offload = tempfile.mkdtemp(prefix=".offload-", dir=out)
         m, tok = load_offloaded_model(model, offload, dtype=r.dtype, device=r.device,
                                       experts_implementation=r.experts_implementation)

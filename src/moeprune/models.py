@@ -37,6 +37,14 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return t
 
 
+def resolve_experts_implementation(name: str | None, device: str) -> str | None:
+    """``"auto"``: eager on CPU (grouped_mm is the transformers default but far slower there), else the
+    transformers default (None); any other name is returned as given."""
+    if name == "auto":
+        return "eager" if str(device).startswith("cpu") else None
+    return name
+
+
 def is_pruned_folder(path: str) -> bool:
     """True if ``path`` holds a moeprune checkpoint whose shapes need ``load_pruned``."""
     cfg = os.path.join(path, "config.json")
@@ -55,8 +63,7 @@ def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None =
     (moeprune-pruned folders go through ``load_pruned``) or a hub id (offline: must be cached)."""
     if isinstance(spec, PreTrainedModel):
         return spec.eval(), None
-    if experts_implementation == "auto":  # grouped_mm is the transformers default but far slower on CPU
-        experts_implementation = "eager" if str(device).startswith("cpu") else None
+    experts_implementation = resolve_experts_implementation(experts_implementation, device)
     dt = parse_dtype(dtype)
     if spec.startswith("tiny:"):
         from moeprune.arch.tiny import tiny_model
@@ -93,8 +100,7 @@ def load_offloaded_model(path: str, offload_folder: str, *, dtype: str | torch.d
     until used: for layer-wise observation of models larger than memory."""
     from moeprune.observe import load_offloaded
 
-    if experts_implementation == "auto":
-        experts_implementation = "eager" if str(device).startswith("cpu") else None
+    experts_implementation = resolve_experts_implementation(experts_implementation, device)
     kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
     model = load_offloaded(path, offload_folder, device=device, dtype=parse_dtype(dtype), **kw)
     try:

@@ -309,9 +309,9 @@ class ReconstructionAccumulator(Accumulator):
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
 
     def update(self, rec: MoERecord) -> None:
-        # read while the layer is live (layer-wise runs onload it only for its forward); "max" merges ranks
-        bias = selection_bias(rec.bank.block).to(self._state["selection_bias"].device)
-        self._state["selection_bias"] = torch.maximum(self._state["selection_bias"], bias)
+        if torch.isneginf(self._state["selection_bias"]).any():  # not read yet: the bias is fixed, read it once,
+            # while the layer is live (layer-wise runs onload it only for its forward); "max" merges ranks
+            self._state["selection_bias"] = selection_bias(rec.bank.block).to(self._state["selection_bias"].device)
         vi = rec.valid_index
         if vi is None:
             vi = torch.arange(rec.x.shape[0], device=rec.x.device)
