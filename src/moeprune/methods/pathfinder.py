@@ -12,12 +12,21 @@ Outliers (code only, per sample and layer, IQR with multiplier 3 on loss and nor
 small loss / large norm -> force-keep, large loss / small norm -> force-remove (keep wins); both leave
 the graph (softmax and paths), force-kept experts are re-added at aggregation.
 
+Importance (default ``importance="reference"``, exactly the code's float64 formula):
+``e_i = exp(-L_i / tau) / max(sum_{enabled j} exp(-L_j / tau), 1e-10)``, no max subtraction. Once every
+``L`` of a layer exceeds ~50 (typical: ``L`` grows with sqrt(tokens x hidden size)) the clamp makes
+``log(e + 1e-10)`` the same for every expert (exactly from ``L`` ~ 82), so the importance term drops out and
+the plan equals the ``ablation="ti_only"`` plan; this is what the reference computes. Options:
+``importance="stable_softmax"`` (max-subtracted softmax: never flat, the lowest-``L`` expert gets up to a
+~23-nat bonus, making the path choice nearly one-hot) and ``l_norm`` (``"relative"``: ``L / ||Y||_F``;
+``"rms"``: ``L / sqrt(T H)``), which rescale ``L`` before the formula so it stays informative at any size.
+
 Deliberate differences from the reference code (documented, all off the common path):
-* ``e`` is a numerically stable softmax (the code's ``exp(-L)`` underflows to 0 for ``L > 745``);
 * per-layer floors ``>= top_k`` (``Target.floors``) are guaranteed: each layer first gets its best
   ``floor`` experts (force-kept, then by path frequency), then the global fill runs;
 * force-kept experts never push the plan past the budget: they come first in the fill order (most
-  samples first) and the lowest are dropped if they alone exceed it (the code keeps them all).
+  samples first) and the lowest are dropped if they alone exceed it (the code keeps them all);
+* exactly tied paths are ordered by their expert tuple (the code keeps insertion order).
 Option ``tie_break="spread"`` (not in the paper/code) deals equal-frequency slots over layers instead
 of the code's lower-layer-first order, which at E * layers >> m * samples fills whole early layers.
 """
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,8 +55,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GUARD = 1e-10  # the reference code's log guard: log(w + 1e-10)
+SUM_FLOOR = 1e-10  # the reference code's clamp of the importance denominator: max(sum exp(-L / tau), 1e-10)
 TIE_BREAKS = ("layer", "spread")
 ABLATIONS = (None, "ti_only", "is_only")
+IMPORTANCES = ("reference", "stable_softmax")
+L_NORMS = (None, "relative", "rms")
 
 
 def iqr_outliers(loss: torch.Tensor, norm: torch.Tensor, loss_mult: float = 3.0, norm_mult: float = 3.0,
@@ -71,12 +84,47 @@ def iqr_outliers(loss: torch.Tensor, norm: torch.Tensor, loss_mult: float = 3.0,
     return keep, remove & ~keep
 
 
-def node_importance(loss: torch.Tensor, enabled: torch.Tensor, tau: float) -> torch.Tensor:
-    """``e = softmax(-L / tau)`` over the enabled experts, 0 elsewhere ``[E]``."""
+def node_importance(loss: torch.Tensor, enabled: torch.Tensor, tau: float,
+                    mode: str = "reference") -> torch.Tensor:
+    """Expert node weights ``e [E]`` of one layer and sample; disabled experts weigh 0.
+
+    ``"reference"``: the code's ``exp(-L / tau) / max(sum_enabled exp(-L / tau), 1e-10)`` in float64
+    without max subtraction (it underflows for large ``L``: then every enabled expert gets the same
+    ``log(e + 1e-10)``). ``"stable_softmax"``: ``softmax(-L / tau)`` over the enabled experts."""
+    if mode not in IMPORTANCES:
+        raise ValueError(f"importance={mode!r}; choose one of {list(IMPORTANCES)}")
     if not bool(enabled.any()):
         return torch.zeros_like(loss, dtype=torch.float64)
-    z = (-loss.to(torch.float64) / tau).masked_fill(~enabled, float("-inf"))
-    return torch.softmax(z, 0)
+    z = -loss.to(torch.float64) / tau  # [E]
+    if mode == "stable_softmax":
+        return torch.softmax(z.masked_fill(~enabled, float("-inf")), 0)
+    ex = torch.exp(z).masked_fill(~enabled, 0.0)  # [E], 0 once L / tau > ~745
+    return ex / ex.sum().clamp_min(SUM_FLOOR)
+
+
+def normalised_loss(stats: ExpertStats, layer: int, s: int, mode: str | None) -> torch.Tensor:
+    """``L [E]`` of sample ``s`` rescaled for the importance term (``mode=None``: as observed).
+
+    ``"relative"``: ``L / ||Y||_F`` (``Y`` the routed block output): a dimensionless relative error,
+    invariant to tokens, hidden size and the output scale of the model and layer, so one ``tau`` means
+    the same thing everywhere (``tau = 0.1``: 10 % more relative error costs 1 nat). ``"rms"``:
+    ``L / sqrt(T H)``, the per-element RMS error: invariant to ``T`` and ``H`` but still in the units of
+    the layer's output (its scale differs across models and layers); needs no extra statistic."""
+    loss = stats.get(layer, "sample_recon_loss")[s].to(torch.float64)
+    if mode is None:
+        return loss
+    if mode == "relative":
+        if "sample_out_norm" not in stats.layers[layer]:
+            raise KeyError(f"l_norm='relative' needs statistic 'sample_out_norm' (layer {layer}), written "
+                           "by observe since it was added; re-run observe with feature 'paths', or use "
+                           "l_norm='rms'")
+        den = float(stats.get(layer, "sample_out_norm")[s])
+    else:
+        hidden = stats.meta.get("hidden_size")
+        if not hidden:
+            raise ValueError("l_norm='rms' needs stats.meta['hidden_size']; re-run observe or set it")
+        den = math.sqrt(float(stats.get(layer, "sample_tokens")[s]) * float(hidden))
+    return loss / max(den, 1e-30)
 
 
 @register_method("pathfinder")
@@ -87,6 +135,9 @@ class Pathfinder(MethodConfig):
     (paper: keep every expert on a selected path; the budget is ignored, floors kept) or
     ``"adaptive"`` (code's unique-path branch: largest k whose path union fits, then fill).
     ``ablation``: ``"ti_only"`` sets importance e := 1, ``"is_only"`` transition intensity := 1.
+    ``importance``: ``"reference"`` (code's formula, flat once all L of a layer exceed ~50) or
+    ``"stable_softmax"``; ``l_norm``: None (code), ``"relative"`` or ``"rms"`` (see ``normalised_loss``;
+    the IQR outlier rule always sees the raw L, as in the code, and is invariant to the rescaling).
     ``max_samples``: first samples used (code ``path_limit`` 25; None = all). ``tie_break``: order of
     experts with equal frequency (most have 0 when E * layers >> m * samples): ``"layer"`` (code: lower
     layer first, which can fill whole early layers) or ``"spread"`` (round-robin over layers, each
@@ -106,18 +157,24 @@ class Pathfinder(MethodConfig):
     unique_paths: bool = False
     max_samples: int | None = 25
     tie_break: str = "layer"
+    importance: str = "reference"
+    l_norm: str | None = None
 
     def __post_init__(self):
         if int(self.m) != self.m or self.m < 1:
             raise ValueError(f"m={self.m} must be a positive integer (paths kept per calibration sample)")
         if not self.tau > 0:
-            raise ValueError(f"tau={self.tau} must be > 0 (temperature of softmax(-loss / tau))")
+            raise ValueError(f"tau={self.tau} must be > 0 (temperature of exp(-loss / tau))")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate={self.aggregate!r}; choose one of {list(AGGREGATES)}")
         if self.ablation not in ABLATIONS:
             raise ValueError(f"ablation={self.ablation!r}; choose one of {list(ABLATIONS)}")
         if self.tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break={self.tie_break!r}; choose one of {list(TIE_BREAKS)}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance={self.importance!r}; choose one of {list(IMPORTANCES)}")
+        if self.l_norm not in L_NORMS:
+            raise ValueError(f"l_norm={self.l_norm!r}; choose one of {list(L_NORMS)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples={self.max_samples} must be >= 1 or None (all samples)")
 
@@ -160,7 +217,8 @@ class Pathfinder(MethodConfig):
             else:
                 fk[li] = fr[li] = torch.zeros(loss.numel(), dtype=torch.bool)
             enabled.append(~(fk[li] | fr[li]))
-            e.append(node_importance(loss, enabled[-1], self.tau))
+            e.append(node_importance(normalised_loss(stats, li, s, self.l_norm), enabled[-1], self.tau,
+                                     self.importance))
         source, edges, sink, pos = self._graph(stats, layers, s, e, enabled, ctx)
         if self.unique_paths:
             _, nodes = unique_paths(source, edges, sink, self.m, layers=pos)
