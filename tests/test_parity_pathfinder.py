@@ -108,7 +108,11 @@ def check_parity(stats, m: int, sparsity: float) -> dict[int, list[int]]:
     ls = stats.moe_layers
     total = sum(stats.num_experts(li) for li in ls)
     target_keep = total - round(sparsity * total)
-    want = oracle_plan(samples_of(stats), m, target_keep)
+    samples = samples_of(stats)
+    for s, (r, a, loss) in enumerate(samples):  # per sample: the same top-m paths, in the same order
+        got, _, _ = Pathfinder(m=m).sample_paths(stats, ls, s, {})
+        assert [tuple(p) for p in got.tolist()] == oracle_sample(r, a, loss, m)[0]
+    want = oracle_plan(samples, m, target_keep)
     # the reference has no per-layer floor; moeprune raises layers to top_k first: keep cases where it binds out
     assert all(len(v) >= stats.meta["top_k"][str(li)] for li, v in zip(ls, want.values())), want
     got = Pathfinder(m=m).plan(stats, Target(expert_sparsity=sparsity, allocation="method")).keep()
