@@ -216,7 +216,8 @@ class PathfinderCoroute(Pathfinder):
     ``r_{j_0} * prod_l P(j_{l+1} | j_l) * prod_l e_{j_l}`` (a Markov route probability times the node
     importances), found by the general (non-separable) DP. Transitions are calibration-set totals;
     ``r`` and ``e`` are per sample. ``ablation="is_only"`` drops ``r`` and ``P``; ``"ti_only"``
-    drops ``e``."""
+    drops ``e``. With the default (reference) importance, flat once every L exceeds ~50, the measured
+    transitions decide the paths; ``importance="stable_softmax"`` lets ``e`` dominate them instead."""
 
     needs = ("paths", "transitions")
     smoothing: float = 1.0
