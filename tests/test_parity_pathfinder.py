@@ -149,12 +149,16 @@ def test_default_plan_equals_reference_oracle_synthetic(seed, m):
 
 def test_node_weights_equal_the_reference_formula():
     # informative, clamped (sum < 1e-10) and underflowing (exp(-800) = 0) losses
-    for loss in ([1.0, 2.0, 30.0, 0.5], [25.0, 23.0, 30.0, 60.0], [90.0, 100.0, 800.0, 85.0]):
+    for loss in ([1.0, 2.0, 30.0, 0.5], [26.0, 24.0, 30.0, 60.0], [90.0, 100.0, 800.0, 85.0]):
         en = torch.tensor([True, True, False, True])
         got = node_importance(torch.tensor(loss, dtype=torch.float64), en, 1.0).tolist()
         want = oracle_node_weights(loss, {0, 1, 3})
         # float64 exp, a 3-term sum and a division: torch's vectorised exp vs libm differ by a few ulp at most
         assert got == pytest.approx(want, rel=1e-14, abs=0.0) and got[2] == 0.0
+    # the clamped case does not sum to 1: e_i = exp(-L_i) / 1e-10
+    e = node_importance(torch.tensor([26.0, 24.0, 60.0]), torch.ones(3, dtype=torch.bool), 1.0)
+    assert float(e.sum()) == pytest.approx((math.exp(-26) + math.exp(-24) + math.exp(-60)) / 1e-10, rel=1e-14)
+    assert float(e.sum()) < 0.5
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
