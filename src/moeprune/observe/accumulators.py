@@ -227,14 +227,15 @@ def _token_chunks(n: int, per_token: int):
 class PathsAccumulator(Accumulator):
     """MoE Pathfinder per sample: mean router probability r, mean ||f_j|| over ALL tokens a (every expert
     runs on every token), and the single-expert reconstruction loss ``L_j = ||Y - c_j f_j(X)||_F`` where
-    ``Y`` is the routed output and ``c_j`` the gate expert j alone would get (``ExpertBank.solo_gate``)."""
+    ``Y`` is the routed output and ``c_j`` the gate expert j alone would get (``ExpertBank.solo_gate``);
+    ``||Y||_F`` per sample normalises ``L`` (Pathfinder ``l_norm="relative"``)."""
 
     group = "paths"
 
     def __init__(self, num_experts: int):
         e = (num_experts,)
         super().__init__({"sample_tokens": (), "sample_prob_mean": e, "sample_norm_mean": e,
-                          "sample_recon_loss": e})
+                          "sample_recon_loss": e, "sample_out_norm": ()})
         self.num_experts = num_experts
 
     def update(self, rec: MoERecord) -> None:
@@ -255,6 +256,9 @@ class PathsAccumulator(Accumulator):
         self._cat("sample_prob_mean", psum[keep] / n)
         self._cat("sample_norm_mean", norm[keep] / n)
         self._cat("sample_recon_loss", sq[keep].sqrt())
+        ysq = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
+        ysq.index_add_(0, rows, fp(y).double().pow(2).sum(-1))
+        self._cat("sample_out_norm", ysq[keep].sqrt())
 
 
 class ClusterAccumulator(Accumulator):

@@ -54,6 +54,7 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "sample_norm_mean": ("paths", "cat", "[N, E]", "a: mean over ALL the sample's tokens of ||f_j(x_t)||"),
     "sample_recon_loss": ("paths", "cat", "[N, E]",
                           "L: ||Y - F_j||_F per sample, Y routed block output, F_j = f_j(X) (only j kept)"),
+    "sample_out_norm": ("paths", "cat", "[N]", "||Y||_F per sample (Pathfinder l_norm='relative')"),
     # --- cluster: C-Prune (sentence-level expert outputs)
     "sentence_out": ("cluster", "cat", "[N, E, H]", "f_j(mean over the sample's valid tokens of x_t)"),
     # --- reconstruction: NAEE enumeration from a token subsample (pure function of these)
