@@ -58,8 +58,8 @@ class ReapOracle:
     """REAP's per-layer pruning state from the reference formulas (float64 sums)."""
 
     def __init__(self, num_experts: int, renormalize: bool):
-        z = lambda: torch.zeros(num_experts, dtype=torch.float64)  # noqa: E731
-        self.s = {k: z() for k in ("count", "g", "n", "n2", "gn", "gn2", "max")}
+        keys = ("count", "g", "n", "n2", "gn", "gn2", "max")
+        self.s = {k: torch.zeros(num_experts, dtype=torch.float64) for k in keys}
         self.renormalize = renormalize
 
     def update(self, logits: torch.Tensor, acts: torch.Tensor, top_k: int, valid: torch.Tensor) -> None:
