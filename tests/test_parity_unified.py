@@ -220,3 +220,27 @@ def test_applied_gate_differs_from_reference_on_mixtral(observed):
         assert rel_diff(applied, ref[li]["reap"]) > 0.05
         manual = stats.get(li, "gate_norm_sum") / stats.get(li, "count").clamp_min(1)
         torch.testing.assert_close(applied, manual, rtol=0, atol=0)
+
+
+def _report() -> None:
+    """``PYTHONPATH=src python3 tests/test_parity_unified.py``: the numbers of docs/PARITY.md."""
+    cases = [(torch.float32, "plain"), (torch.bfloat16, "observe"), (torch.bfloat16, "plain")]
+    for arch, (dtype, forward) in [(a, c) for a in ("mixtral", "qwen3_moe") for c in cases]:
+        stats, ref = observe_with_reference(tiny_model(arch, dtype=dtype), forward)
+        for label, gate in (("reference", "reference"), ("applied", "applied")):
+            worst, same = 0.0, 0
+            for name in REAP_KEYS:
+                m = METHODS[name](gate=gate)
+                got, keep = m.score(stats), m.plan(stats, Target(expert_sparsity=SPARSITY)).keep()
+                for li in stats.moe_layers:
+                    worst = max(worst, rel_diff(got[li], ref[li][name]))
+                    same += keep[li] == kept(ref[li][name], int(ref[li][name].numel() * SPARSITY))
+            total = len(REAP_KEYS) * len(stats.moe_layers)
+            print(f"{arch:9s} {str(dtype)[6:]:8s} {forward:7s} gate={label:9s} max rel diff {worst:.1e}  "
+                  f"kept sets equal {same}/{total} (member x layer)")
+        mx = max(rel_diff(stats.get(li, "max_act_signed"), ref[li]["max_activations"]) for li in stats.moe_layers)
+        print(f"{'':36s} max_act_signed max rel diff {mx:.1e}")
+
+
+if __name__ == "__main__":
+    _report()
