@@ -166,3 +166,38 @@ def test_one_table_registers_every_member_as_a_frozen_config():
         assert cls.name == name and issubclass(cls, U._UnifiedBase)
         with pytest.raises(dataclasses.FrozenInstanceError):
             cls().gate = "applied"
+
+
+class _Bank:
+    """The two router facts the routed accumulator reads from an ExpertBank."""
+
+    num_experts, router_width, score = 3, 4, "softmax"
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), -1)[:, :3]
+
+
+def test_reference_gate_sums_by_hand():
+    """3 experts + 1 identity (zero) expert, top-2, token 2 is padding. softmax(log w) = w / sum w."""
+    from moeprune.observe.accumulators import RoutedAccumulator
+    from moeprune.observe.record import MoERecord
+
+    logits = torch.tensor([[1.0, 2, 3, 4], [4, 1, 1, 4], [1, 1, 1, 1]]).log()  # p: [.1 .2 .3 .4], [.4 .1 .1 .4]
+    idx = torch.tensor([[2, 1], [0, 3], [0, 1]])  # token 1's second slot is the zero expert
+    f = torch.tensor([[3.0, -4], [-6, -1], [0, 2], [1, 1], [100, 0], [0, 100]])  # [T*k, H] slot outputs
+    rec = MoERecord(0, _Bank(), logits, idx, torch.full((3, 2), 0.5), torch.zeros(3, 2),
+                    torch.tensor([True, True, False]), torch.zeros(3, dtype=torch.long), 1, 0, slot_out=f)
+    acc = RoutedAccumulator(3)
+    acc.update(rec)
+    r = acc.result()
+    n1 = math.sqrt(37)  # ||(-6, -1)||
+    # token 0 renorm over {2, 1}: .3/.5, .2/.5; token 1 over {0, zero expert}: .4/.8 (zero expert not an expert)
+    want = {"softmax_gate_sum": [0.4, 0.2, 0.3], "softmax_gate_norm_sum": [0.8, 0.2 * n1, 1.5],
+            "softmax_gate_norm_sq_sum": [0.64, 0.04 * 37, 2.25], "renorm_gate_sum": [0.5, 0.4, 0.6],
+            "renorm_gate_norm_sum": [1.0, 0.4 * n1, 3.0], "renorm_gate_norm_sq_sum": [1.0, 0.16 * 37, 9.0],
+            "max_act_signed": [2.0, 0.0, 3.0],  # expert 1's largest element is -1: floored at 0
+            "max_act": [2.0, 6.0, 4.0], "count": [1.0, 1.0, 1.0], "gate_sum": [0.5, 0.5, 0.5]}
+    for name, v in want.items():
+        # float32 softmax of the logs: ~1e-7 relative, the float64 sums keep it
+        torch.testing.assert_close(r[name], torch.tensor(v, dtype=torch.float64), rtol=1e-6, atol=1e-7,
+                                   msg=name)
