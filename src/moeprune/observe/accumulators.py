@@ -118,8 +118,12 @@ def reference_gates(rec: MoERecord) -> tuple[torch.Tensor, torch.Tensor]:
     """``[S]`` per-slot REAP gates: plain softmax over all router outputs, and that renormalised over the
     token's routed experts. REAP applies softmax to the raw logits even for sigmoid routers; routers that
     output probabilities (Gemma4, score ``probs``) are taken as they are (REAP has no such model)."""
-    z = fp(rec.logits)
-    p = z if rec.bank.score == "probs" else torch.softmax(z, dim=-1)  # [T, W] W = router width (E + zero)
+    bank = rec.bank
+    if bank.score == "softmax" and bank.router_width == bank.num_experts:
+        p = rec.probs  # the same softmax, already computed (and cached) for prob_sum
+    else:
+        z = fp(rec.logits)
+        p = z if bank.score == "probs" else torch.softmax(z, dim=-1)  # [T, W] W = router width (E + zero)
     den = p.gather(1, rec.idx.long()).sum(-1)  # [T] sum of p over the token's routed experts
     tok = rec.slot_token
     ps = p[tok, rec.slot_expert.long()]  # [S]
