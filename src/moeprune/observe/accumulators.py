@@ -108,32 +108,66 @@ def _pick(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return t if m is None else t[m]
 
 
+# REAP (reference) gate conventions: p = softmax over every router output of the raw logits; "renorm" divides
+# by the sum of p over the token's routed slots and clamps at float32 eps (REAP pruning_metrics.py).
+REF_GATES = {"softmax": "softmax_gate", "renorm": "renorm_gate"}
+RENORM_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def reference_gates(rec: MoERecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[S]`` per-slot REAP gates: plain softmax over all router outputs, and that renormalised over the
+    token's routed experts. REAP applies softmax to the raw logits even for sigmoid routers; routers that
+    output probabilities (Gemma4, score ``probs``) are taken as they are (REAP has no such model)."""
+    bank = rec.bank
+    if bank.score == "softmax" and bank.router_width == bank.num_experts:
+        p = rec.probs  # the same softmax, already computed (and cached) for prob_sum
+    else:
+        z = fp(rec.logits)
+        p = z if bank.score == "probs" else torch.softmax(z, dim=-1)  # [T, W] W = router width (E + zero)
+    den = p.gather(1, rec.idx.long()).sum(-1)  # [T] sum of p over the token's routed experts
+    tok = rec.slot_token
+    ps = p[tok, rec.slot_expert.long()]  # [S]
+    return ps, (ps / den[tok]).clamp_min(RENORM_EPS)
+
+
 class RoutedAccumulator(Accumulator):
-    """Counts, gate and output-norm moments over routed tokens; full router probability over all tokens."""
+    """Counts, gate and output-norm moments over routed tokens (with the applied gate and with REAP's
+    reference gates), max activations; full router probability over all tokens."""
 
     group = "routed"
 
     def __init__(self, num_experts: int):
         e = (num_experts,)
-        super().__init__({"tokens": (), "count": e, "gate_sum": e, "norm_sum": e, "norm_sq_sum": e,
-                          "gate_norm_sum": e, "gate_norm_sq_sum": e, "max_act": e, "prob_sum": e})
+        names = ["tokens", "count", "gate_sum", "norm_sum", "norm_sq_sum", "gate_norm_sum", "gate_norm_sq_sum",
+                 "max_act", "max_act_signed", "prob_sum"]
+        names += [f"{g}{suffix}" for g in REF_GATES.values() for suffix in ("_sum", "_norm_sum", "_norm_sq_sum")]
+        super().__init__({n: (() if n == "tokens" else e) for n in names})
         self.num_experts = num_experts
+
+    def _gate_moments(self, prefix: str, ids: torch.Tensor, g: torch.Tensor, n: torch.Tensor) -> None:
+        self._index_add(f"{prefix}_sum", ids, g)
+        self._index_add(f"{prefix}_norm_sum", ids, g * n)
+        self._index_add(f"{prefix}_norm_sq_sum", ids, (g * n) ** 2)
 
     def update(self, rec: MoERecord) -> None:
         self._to(rec.idx.device)
         f = rec.slot_out  # [S, H]
         nrm = torch.linalg.vector_norm(fp(f), dim=-1)  # [S]
-        amax = fp(torch.maximum(f.amax(-1), -f.amin(-1)))  # [S] max_i |f_i| (2 reductions beat aminmax)
+        top, bottom = f.amax(-1), f.amin(-1)  # [S] signed max element and min element of each f
+        amax = fp(torch.maximum(top, -bottom))  # [S] max_i |f_i| (2 reductions beat aminmax)
         m = _routed_slots(rec, self.num_experts)
-        ids, g, n, a = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax))
-        g, n, a = g.double(), n.double(), a.double()
+        g_soft, g_renorm = reference_gates(rec)
+        ids, g, n, a, s, gs, gr = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax, fp(top),
+                                                          g_soft, g_renorm))
+        g, n = g.double(), n.double()
         self._index_add("count", ids, torch.ones_like(g))
-        self._index_add("gate_sum", ids, g)
         self._index_add("norm_sum", ids, n)
         self._index_add("norm_sq_sum", ids, n * n)
-        self._index_add("gate_norm_sum", ids, g * n)
-        self._index_add("gate_norm_sq_sum", ids, (g * n) ** 2)
-        self._state["max_act"].scatter_reduce_(0, ids, a, "amax")
+        self._gate_moments("gate", ids, g, n)
+        self._gate_moments(REF_GATES["softmax"], ids, gs.double(), n)
+        self._gate_moments(REF_GATES["renorm"], ids, gr.double(), n)
+        self._state["max_act"].scatter_reduce_(0, ids, a.double(), "amax")
+        self._state["max_act_signed"].scatter_reduce_(0, ids, s.double(), "amax")  # state starts at 0: floor 0
         vi = rec.valid_index
         self._state["prob_sum"] += _sel(rec.probs, vi).double().sum(0)
         self._state["tokens"] += float(rec.x.shape[0] if vi is None else vi.numel())

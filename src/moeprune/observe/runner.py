@@ -190,6 +190,7 @@ def build_meta(model: nn.Module, obs: Observer, data: Mapping[str, Any] | None =
         "hidden_size": first.hidden_size,
         "n_group": {str(li): b.n_group for li, b in banks.items()},
         "router": {str(li): router(b) for li, b in banks.items()},
+        "norm_topk_prob": bool(getattr(text, "norm_topk_prob", False)),  # REAP renormalises its gate iff set
         "expert_params": {str(li): n for li, n in per.items()},
         "other_params": int(total - sum(per[li] * banks[li].num_experts for li in banks)),
         "dtype_bytes": ex_param.element_size() if ex_param is not None else None,

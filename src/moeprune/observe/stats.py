@@ -35,7 +35,17 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of g*||f||"),
     "gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (g*||f||)^2"),
     "max_act": ("routed", "max", "[E]", "max over routed tokens of max_i |f_i| (0 if never routed)"),
+    "max_act_signed": ("routed", "max", "[E]",
+                       "max(0, max over routed tokens of max_i f_i) (signed, REAP's max_activations)"),
     "prob_sum": ("routed", "sum", "[E]", "sum over all tokens of p (full router probability)"),
+    # REAP's reference gates (observer convention): q = softmax over ALL router outputs of the raw logits
+    # (even for sigmoid routers); q_r = q / sum of q over the token's routed experts, clamped >= fp32 eps
+    "softmax_gate_sum": ("routed", "sum", "[E]", "sum over routed tokens of q"),
+    "softmax_gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of q*||f||"),
+    "softmax_gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (q*||f||)^2"),
+    "renorm_gate_sum": ("routed", "sum", "[E]", "sum over routed tokens of q_r"),
+    "renorm_gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of q_r*||f||"),
+    "renorm_gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (q_r*||f||)^2"),
     # --- direction: TENP and EASY-EP
     "gate_norm_dir_sum": ("direction", "sum", "[E]", "TENP: sum over routed of g*||f||*(1-cos(x_t, f))"),
     "easyep_sum": ("direction", "sum", "[E]",
@@ -79,6 +89,7 @@ class ExpertStats:
     router {layer: {"score": softmax|sigmoid|probs, "renormalize": bool, "scale": float, "gate_on_input": bool
     (Llama4: g = 1 and f = expert(s * x)), "router_width": E + zero experts (LongCat; width of recon_logits),
     "source": observed|config}},
+    norm_topk_prob (the model config's flag, False when absent: REAP's reference gate renormalises iff set),
     expert_params {layer: parameters per expert}, other_params (all non-routed-expert parameters),
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
     data (source, hash, seq_len, seed)."""
