@@ -21,9 +21,15 @@ from moeprune.methods.target import Target
 
 
 def expert_out(experts, e: int, x: torch.Tensor) -> torch.Tensor:
-    """f_e(x) for the fused HF experts ([E, 2I, H] gate_up, [E, H, I] down), in the model's dtype."""
-    gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-    return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+    """f_e(x) for the fused HF experts ([E, 2I, H] gate_up, [E, H, I] down): float32 products rounded to
+    the model's dtype after every op, as a bf16 kernel with float32 accumulation does (and fast on CPU)."""
+    dt = x.dtype
+
+    def lin(a, w):
+        return F.linear(a.float(), w.float()).to(dt)
+
+    gate, up = lin(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return lin(experts.act_fn(gate) * up, experts.down_proj[e])
 
 
 def oracle_scores(model, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -54,11 +60,13 @@ def oracle_scores(model, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]
             for h, (w, idx), (x, r) in zip(seen[f"h{li}"], seen[f"g{li}"], seen[f"x{li}"]):
                 hd, rd = h.double(), r.double()
                 change = (1 - F.cosine_similarity(hd, hd + rd, dim=-1)).clamp_min(0)  # [T]
-                for t in range(x.shape[0]):
+                fnorm = torch.stack(
+                    [expert_out(layer.mlp.experts, e, x).double().norm(dim=-1) for e in range(E)]
+                )
+                for t in range(x.shape[0]):  # [E, T] above: ||f_e(x_t)|| for every expert and token
                     for j in range(idx.shape[1]):
                         e = int(idx[t, j])
-                        f = expert_out(layer.mlp.experts, e, x[t : t + 1])[0]
-                        score[e] += float(w[t, j]) * f.double().norm() * change[t]
+                        score[e] += float(w[t, j]) * fnorm[e, t] * change[t]
             out[li] = score
     return out
 
