@@ -9,7 +9,8 @@ import pytest
 import torch
 from _stats_factory import make_stats
 
-from moeprune.methods.cprune import CPrune, coefficient
+from moeprune.methods.cprune import CPrune
+from moeprune.methods.cprune_counting import coefficient
 from moeprune.methods.target import Target
 
 # the achieved-vs-target note of the reference counting; asserted with pytest.warns where it matters

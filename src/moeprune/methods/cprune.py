@@ -47,10 +47,10 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 
 from moeprune.methods.allocation import balance_groups, build_plan
+from moeprune.methods.cprune_counting import prune_order, reference_cap, selection_counts
 from moeprune.methods.registry import MethodConfig, register_method
 
 if TYPE_CHECKING:
@@ -64,24 +64,6 @@ _CHOICES = {
     "ties": ("reference", "keep_lower_id"),
     "global_stage": ("reference", "exact"),
 }
-
-
-def coefficient(size: int, num_experts: int) -> float:
-    """The released code's dynamic selection coefficient (precedence as written there)."""
-    p = size / num_experts
-    return 0.6 * (math.exp(0.5 - p) - math.exp(p - 0.5) / (math.exp(p - 0.5) + math.exp(0.5 - p))) + 0.5
-
-
-def prune_order(counts: list[float], keys: list[tuple[int, int]], ties: str) -> list[int]:
-    """Positions by increasing count: ``reference`` = stable (lowest key first), else highest key first."""
-    if ties == "reference":
-        return sorted(range(len(counts)), key=lambda i: counts[i])
-    return sorted(range(len(counts)), key=lambda i: (counts[i], -keys[i][0], -keys[i][1]))
-
-
-def reference_cap(n_layer: int, layer_rate: float) -> int | None:
-    """The code's per-layer limit ``int(n_layer // layer_rate * 0.9)`` (None when layer_rate is 0)."""
-    return None if layer_rate == 0 else int(n_layer // layer_rate * 0.9)
 
 
 @register_method("cprune")
@@ -119,36 +101,6 @@ class CPrune(MethodConfig):
             raise ValueError("batch_size, layer_clusters and global_clusters must be >= 1")
 
     # ------------------------------------------------------------------ clustering + counting
-    def _cluster(self, V: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``V [M, D]`` -> (cluster label per row, distance of each row to its cluster's centre)."""
-        M = V.shape[0]
-        if self.clustering == "kmeans":
-            if n >= M:  # the code's KMeans would raise; every expert its own cluster
-                return np.arange(M), np.zeros(M)
-            from sklearn.cluster import KMeans
-
-            km = KMeans(n_clusters=n, random_state=0).fit(V)  # the code's seed, sklearn's default n_init
-            X = V.astype(np.float64)  # fp16 - fp64 centre is fp64 in the code too
-            dist = np.array([np.linalg.norm(X[i] - km.cluster_centers_[c]) for i, c in enumerate(km.labels_)])
-            return km.labels_, dist
-        if M < 2:
-            return np.ones(M, dtype=int), np.zeros(M)
-        from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
-        from scipy.spatial.distance import pdist, squareform
-
-        with warnings.catch_warnings():  # the square matrix read as observations is the code's (deliberate)
-            warnings.simplefilter("ignore", ClusterWarning)
-            X = squareform(pdist(V)) if self.ward_on_distances else V.astype(np.float64)
-            labels = fcluster(linkage(X, method="ward"), t=n, criterion="maxclust")
-        dist = np.empty(M)
-        with np.errstate(over="ignore"):  # fp16 overflow -> inf, as in the code; counted by the caller
-            for lab in np.unique(labels):
-                members = np.flatnonzero(labels == lab)
-                centre = V[members].mean(axis=0)  # fp16 in, fp16 out (fp32 intermediates), as the code
-                for i in members:
-                    dist[i] = float(np.linalg.norm(V[i] - centre))
-        return labels, dist
-
     def _count(
         self,
         feats: torch.Tensor,
@@ -158,23 +110,17 @@ class CPrune(MethodConfig):
         num_experts: int,
         overflow: list[int],
     ) -> list[int]:
-        """``feats [N, M, H]`` (M candidates) -> ``[M]`` number of batches that select each candidate."""
-        M = feats.shape[1]
-        counts = [0] * M
-        dtype = np.float16 if self.precision == "float16" else np.float64
-        for idx in batches:
-            V = feats[idx].permute(1, 0, 2).reshape(M, -1).numpy().astype(dtype)  # [M, B*H]
-            labels, dist = self._cluster(V, n_clusters)
-            overflow[0] += int((~np.isfinite(dist)).sum())
-            for lab in np.unique(labels):
-                members = np.flatnonzero(labels == lab).tolist()  # ascending id
-                if len(members) < 3:
-                    chosen = members
-                else:
-                    n_sel = int(coefficient(len(members), num_experts) * (1 - rate) * len(members))
-                    chosen = sorted(members, key=lambda i: dist[i])[:n_sel]  # stable: ties lower id
-                for i in chosen:
-                    counts[i] += 1
+        counts, n_inf = selection_counts(
+            feats,
+            batches,
+            n_clusters,
+            rate,
+            num_experts,
+            precision=self.precision,
+            clustering=self.clustering,
+            ward_on_distances=self.ward_on_distances,
+        )
+        overflow[0] += n_inf
         return counts
 
     def _batches(self, n: int) -> list[torch.Tensor]:
@@ -267,6 +213,24 @@ class CPrune(MethodConfig):
                 out[li] = out[li][:room]
         return out, info
 
+    def _layer_stage(
+        self,
+        feats: dict[int, torch.Tensor],
+        batches: list[torch.Tensor],
+        n_layer: dict[int, int],
+        lr: float,
+        ne: dict[int, int],
+        overflow: list[int],
+    ) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
+        """Per layer: kept ids after pruning the ``n_layer`` lowest selection counts; selection frequency."""
+        keep, freq = {}, {}
+        for li, f in feats.items():
+            c = self._count(f, batches, self.layer_clusters, lr, ne[li], overflow)
+            freq[li] = torch.tensor(c, dtype=torch.float64) / len(batches)  # [E]
+            gone = set(prune_order(c, [(li, e) for e in range(ne[li])], self.ties)[: n_layer[li]])
+            keep[li] = [e for e in range(ne[li]) if e not in gone]
+        return keep, freq
+
     # ------------------------------------------------------------------ plan
     def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
         budget = target.resolve(stats)
@@ -279,12 +243,7 @@ class CPrune(MethodConfig):
         two_stage = target.allocation != "uniform"
         lr, gr = self._rates(budget, two_stage)
         n_layer = self._layer_counts(budget, lr, two_stage)
-        keep, freq = {}, {}
-        for li in layers:
-            c = self._count(feats[li], batches, self.layer_clusters, lr, ne[li], overflow)
-            freq[li] = torch.tensor(c, dtype=torch.float64) / len(batches)
-            gone = set(prune_order(c, [(li, e) for e in range(ne[li])], self.ties)[: n_layer[li]])
-            keep[li] = [e for e in range(ne[li]) if e not in gone]
+        keep, freq = self._layer_stage(feats, batches, n_layer, lr, ne, overflow)
         total, n_prune = sum(ne.values()), sum(ne.values()) - budget.total_keep
         n_global = 0
         if two_stage:
