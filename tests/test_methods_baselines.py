@@ -41,6 +41,16 @@ def test_easyep_by_hand():
 
 
 # ---------------------------------------------------------------- router simulation
+def test_easyep_groups_option_by_hand():
+    # 8 experts in 4 groups of 2 (top 2 groups, top_k 2): the plain top-4 {0, 1, 2, 4} leaves groups of 2, 1, 1
+    st = make_stats({0: {"count": [1.0] * 8, "easyep_sum": [9, 8, 7, 1, 6, 1.5, 0.5, 0.4]}}, top_k=2)
+    st.meta["n_group"] = {"0": [4, 2]}
+    assert EasyEP(groups="ignore").plan(st, Target(expert_sparsity=0.5)).keep() == {0: [0, 1, 2, 4]}
+    assert EasyEP().plan(st, Target(expert_sparsity=0.5)).keep() == {0: [0, 1, 2, 3]}  # best two full groups (17, 8)
+    with pytest.raises(ValueError, match="groups='bogus'"):
+        EasyEP(groups="bogus")
+
+
 def test_route_softmax_renormalised_by_hand():
     logits = torch.tensor([[0.0, math.log(2.0), math.log(3.0), math.log(4.0)]])  # probs 1:2:3:4
     keep = torch.tensor([True, True, True, False])
