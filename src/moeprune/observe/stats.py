@@ -56,10 +56,13 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
                           "L: ||Y - F_j||_F per sample, Y routed block output, F_j = f_j(X) (only j kept)"),
     # --- cluster: C-Prune (sentence-level expert outputs)
     "sentence_out": ("cluster", "cat", "[N, E, H]", "f_j(mean over the sample's valid tokens of x_t)"),
-    # --- reconstruction: NAEE enumeration from a token subsample (pure function of these)
+    # --- reconstruction: NAEE enumeration over the cached tokens (all by default; pure function of these).
+    # Cached rows are float32 (float64 for float64 models); meta["recon"] records the cache policy.
     "recon_logits": ("reconstruction", "cat", "[T_s, E]", "router logits of cached tokens"),
     "recon_expert_out": ("reconstruction", "cat", "[T_s, E, H]", "f_j(x_t) for every expert on cached tokens"),
     "recon_target": ("reconstruction", "cat", "[T_s, H]", "routed block output (sum_k g*f) of cached tokens"),
+    "recon_batch": ("reconstruction", "cat", "[T_s]",
+                    "global calibration batch index of each cached token (int64; NAEE sums per-batch norms)"),
     "recon_input": ("reconstruction", "cat", "[T_s, H]",
                     "block input of cached tokens (only for routers with identity experts, LongCat)"),
     "selection_bias": ("reconstruction", "max", "[E_router]",
