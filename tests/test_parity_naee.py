@@ -17,9 +17,13 @@ import torch
 import torch.nn.functional as F
 from _stats_factory import make_stats
 
+from moeprune.cli import build_parser
 from moeprune.methods.naee import NAEE, reconstruction_loss_fn
 from moeprune.methods.target import Target
-from moeprune.observe import observe
+from moeprune.observe import observe, observe_layerwise
+from moeprune.observe.experts import build_banks
+from moeprune.observe.recon_cache import DEFAULT_MAX_GB, bytes_per_token, plan_recon_cache
+from moeprune.recipe import CalibrationConfig
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe"]  # softmax + renormalise; qwen3 (norm_topk_prob); olmoe: no renorm
 KEEP = 4  # of 8 experts: C(8, 4) = 70 keep sets per layer, as in the side-by-side run
@@ -184,3 +188,80 @@ def test_batch_sum_and_pooled_losses_pick_different_sets_by_hand():
     assert reconstruction_loss_fn(st, 0, "pooled")((0,)) == pytest.approx(math.sqrt(18))
     assert NAEE(progress=False).plan(st, Target(expert_sparsity=0.5)).keep() == {0: [1]}
     assert NAEE(progress=False, loss="pooled").plan(st, Target(expert_sparsity=0.5)).keep() == {0: [0]}
+
+
+# ---------------------------------------------------------------- the cache bound (observe/recon_cache.py)
+class _Bank:
+    """What the estimate reads from an ExpertBank: E=2, H=3, router width 2, float32 experts."""
+
+    def __init__(self, dtype=torch.float32, router_width=2):
+        self.experts = torch.nn.Linear(1, 1).to(dtype)
+        self.hidden_size, self.num_experts, self.router_width = 3, 2, router_width
+
+
+def _ids(*lengths):
+    return [{"input_ids": torch.zeros(1, n, dtype=torch.long)} for n in lengths]
+
+
+def test_cache_estimate_by_hand():
+    # per token and layer: 4 bytes x (router 2 + E*H 6 + target 3) + 8 (batch id) = 52; float64: 96;
+    # with an identity expert (router width 3): 4 x (3 + 6 + 3 + input 3) + 8 = 68
+    assert bytes_per_token({0: _Bank()}) == 52
+    assert bytes_per_token({0: _Bank(torch.float64)}) == 96
+    assert bytes_per_token({0: _Bank(), 1: _Bank(router_width=3)}) == 52 + 68
+    p = plan_recon_cache({0: _Bank()}, _ids(5, 3), max_gb=None)
+    assert (p.tokens_per_batch, p.subsampled, p.tokens_cached) == (None, None, 8)
+    assert p.estimate_gb == p.cached_gb == 8 * 52 / 1e9
+    masked = [{"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0, 0]] * 2)}]
+    assert plan_recon_cache({0: _Bank()}, masked).tokens_total == 4  # padding is not cached
+
+
+def test_cache_bound_subsamples_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        p = plan_recon_cache({0: _Bank()}, _ids(5, 3), max_gb=6 * 52 / 1e9)
+    assert (p.tokens_per_batch, p.tokens_cached, p.subsampled) == (3, 6, "memory bound")  # min(5,3)+min(3,3)
+    assert "recon_max_gb" in caplog.text and "3 tokens per batch" in caplog.text
+    p = plan_recon_cache({0: _Bank()}, _ids(5, 3), tokens_per_batch=2, max_gb=None)
+    assert (p.tokens_per_batch, p.tokens_cached, p.subsampled) == (2, 4, "explicit")
+    assert plan_recon_cache({0: _Bank()}, _ids(5, 3), tokens_per_batch=9).tokens_per_batch is None  # keeps all
+    with pytest.raises(ValueError, match=r"recon_max_gb=1e-09 GB cannot hold even one token per batch"):
+        plan_recon_cache({0: _Bank()}, _ids(5, 3), max_gb=1e-9)
+
+
+@pytest.mark.parametrize("kw, msg", [({"recon_tokens": 0}, "recon_tokens=0 must be a positive integer"),
+                                     ({"recon_tokens": 2.5}, "recon_tokens=2.5 must be a positive integer"),
+                                     ({"recon_max_gb": -1}, "recon_max_gb=-1 must be a number > 0")])
+def test_bad_cache_options_fail_before_calibration(kw, msg, tiny_cache):
+    with pytest.raises(ValueError, match=msg):
+        observe(tiny_cache("mixtral"), _batches(), features=("routed",), progress=False, **kw)
+    with pytest.raises(ValueError, match="calibration." + msg):
+        CalibrationConfig(**kw)
+
+
+def test_cache_options_in_recipe_and_cli():
+    assert CalibrationConfig().recon_max_gb == DEFAULT_MAX_GB and CalibrationConfig().recon_tokens is None
+    assert CalibrationConfig(recon_max_gb=None).recon_max_gb is None
+    p = build_parser()
+    a = p.parse_args(["observe", "--model", "tiny:mixtral", "--out", "x", "--recon-max-gb", "none"])
+    assert a.recon_max_gb is None and a.recon_tokens is None
+    a = p.parse_args(["observe", "--model", "tiny:mixtral", "--out", "x", "--recon-max-gb", "0.5", "--recon-tokens", "8"])
+    assert (a.recon_max_gb, a.recon_tokens) == (0.5, 8)
+    with pytest.raises(SystemExit):
+        p.parse_args(["observe", "--model", "tiny:mixtral", "--out", "x", "--recon-max-gb", "0"])
+
+
+def test_bounded_cache_is_the_same_in_full_and_layerwise_runs(tiny_cache):
+    model, batches = tiny_cache("mixtral"), _batches()
+    bound = 2.5 * 4 * bytes_per_token(build_banks(model)) / 1e9  # room for 2 tokens in each of the 4 batches
+    kw = {"features": ("routed", "reconstruction"), "progress": False, "recon_max_gb": bound}
+    full, lw = observe(model, batches, **kw), observe_layerwise(model, batches, **kw)
+    assert full.meta["recon"] == lw.meta["recon"]
+    assert full.meta["recon"]["tokens_per_batch"] == 2 and full.meta["recon"]["subsampled"] == "memory bound"
+    for li in full.moe_layers:
+        assert full.get(li, "recon_batch").tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        for name in ("recon_logits", "recon_target", "recon_expert_out"):
+            # same tokens; values equal up to float32 round-off of the two forward orders (layer-wise
+            # replays each decoder layer on saved activations)
+            torch.testing.assert_close(full.get(li, name), lw.get(li, name), rtol=1e-5, atol=1e-5)
+    plan = NAEE(progress=False).plan(full, Target(expert_sparsity=0.5))
+    assert plan.meta["recon_cache"]["subsampled"] == "memory bound"

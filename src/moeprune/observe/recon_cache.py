@@ -29,7 +29,7 @@ def check_recon_options(tokens_per_batch: int | None, max_gb: float | None) -> N
         raise ValueError(f"recon_tokens={tokens_per_batch!r} must be a positive integer (tokens cached per batch) "
                          "or None (every token, as the NAEE reference)")
     if max_gb is not None and not (isinstance(max_gb, (int, float)) and max_gb > 0):
-        raise ValueError(f"recon_max_gb={max_gb!r} must be > 0 (GB of the NAEE cache) or None (no bound)")
+        raise ValueError(f"recon_max_gb={max_gb!r} must be a number > 0 (GB of the NAEE cache) or None (no bound)")
 
 
 @dataclass(frozen=True)
