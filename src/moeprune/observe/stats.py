@@ -83,7 +83,9 @@ class ExpertStats:
     "source": observed|config}},
     expert_params {layer: parameters per expert}, other_params (all non-routed-expert parameters),
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
-    data (source, hash, seq_len, seed)."""
+    data (source, hash, seq_len, seed), recon (with ``reconstruction``: the NAEE cache decision
+    ``observe/recon_cache.py::ReconCachePlan`` - tokens_per_batch (None = all), max_gb, estimate_gb, cached_gb,
+    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound"))."""
 
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
