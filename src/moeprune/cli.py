@@ -54,7 +54,8 @@ def cmd_observe(a) -> None:
     from moeprune.recipe import CalibrationConfig
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
-                            text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise)
+                            text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise,
+                            recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb)
     if a.layerwise and os.path.isdir(a.model):  # larger than memory: decoder layers stay on disk until used
         model, tok = load_offloaded_model(a.model, os.path.join(a.out, "offload"), dtype=a.dtype, device=a.device,
                                           experts_implementation=a.experts_implementation)
@@ -188,6 +189,28 @@ def cmd_validate(a) -> None:
     print("recipe is valid")
 
 
+def _gb_or_none(v: str) -> float | None:
+    """``--recon-max-gb``: a number > 0, or none."""
+    if v.lower() in ("none", "null"):
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        f = float("nan")
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"{v!r}: give a size in GB > 0 (e.g. 8), or 'none' for no bound")
+    return f
+
+
+def _int_or_none(v: str) -> int | None:
+    """``--recon-tokens``: a positive integer, or none (every token)."""
+    if v.lower() in ("none", "null", "all"):
+        return None
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: give a positive number of tokens per batch, or 'all'")
+    return int(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeprune", description="One-shot expert pruning for MoE LLMs.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--select", choices=["random", "kmeans"], default="random")
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--layerwise", action="store_true", help="onload one decoder layer at a time")
+    s.add_argument("--recon-max-gb", type=_gb_or_none, default=4.0,
+                   help="reconstruction (NAEE) cache bound in GB; above it a seeded per-batch token subsample, "
+                   "with a warning ('none': no bound)")
+    s.add_argument("--recon-tokens", type=_int_or_none, default=None,
+                   help="reconstruction (NAEE): cache this many tokens per batch (default: every token)")
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_observe)

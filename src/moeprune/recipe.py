@@ -35,6 +35,26 @@ class CalibrationConfig(_Strict):
     select: Literal["random", "kmeans"] = "random"
     seed: int = 42
     layerwise: bool = Field(False, description="onload one decoder layer at a time (models larger than memory)")
+    recon_tokens: int | None = Field(None, description="NAEE cache: a seeded subsample of this many tokens per "
+                                     "batch; null = every token (the reference)")
+    recon_max_gb: float | None = Field(4.0, description="NAEE cache bound in GB (= observe.recon_cache."
+                                       "DEFAULT_MAX_GB): above it a seeded per-batch subsample, with a warning; "
+                                       "null = no bound")
+
+    @field_validator("recon_tokens", "recon_max_gb", mode="before")
+    @classmethod
+    def _recon(cls, v, info):
+        """The NAEE cache options, with what to set instead."""
+        if v is None:
+            return v
+        if info.field_name == "recon_tokens" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"calibration.recon_tokens={v!r} must be a positive integer (tokens cached per "
+                             "batch for NAEE) or null (every token, the reference)")
+        if info.field_name == "recon_max_gb" and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                  or not v > 0):
+            raise ValueError(f"calibration.recon_max_gb={v!r} must be a number > 0 (GB of the NAEE cache) or "
+                             "null (no bound)")
+        return v
 
 
 class MethodSpec(BaseModel):

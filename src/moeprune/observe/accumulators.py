@@ -328,37 +328,55 @@ def selection_bias(block) -> torch.Tensor:
 
 
 class ReconstructionAccumulator(Accumulator):
-    """NAEE: router logits, every expert's output and the routed output on a seeded token subsample
-    (``tokens_per_batch`` valid tokens per batch; the choice depends only on seed and batch index, so it
-    is the same in the full, layer-wise and distributed runs)."""
+    """NAEE: router logits, every expert's output, the routed output and the batch index of cached tokens.
+
+    ``tokens_per_batch=None`` (default, as the reference) caches every valid token; an int caches a seeded
+    subsample of that many valid tokens per batch (the choice depends only on seed and batch index, so it is
+    the same in the full, layer-wise and distributed runs). Values are stored in float32 (exact for bf16 /
+    fp16 / fp32 models; float64 for float64 inputs) to halve memory; NAEE's losses are float64."""
 
     group = "reconstruction"
 
-    def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int = 16,
+    def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int | None = None,
                  seed: int = 0):
         shapes = {"recon_logits": (router_width,), "recon_expert_out": (num_experts, hidden_size),
-                  "recon_target": (hidden_size,), "selection_bias": (router_width,)}
+                  "recon_target": (hidden_size,), "recon_batch": (), "selection_bias": (router_width,)}
         if router_width > num_experts:  # LongCat identity experts output their input
             shapes["recon_input"] = (hidden_size,)
         super().__init__(shapes)
         self._state["selection_bias"] = torch.full((router_width,), float("-inf"), dtype=torch.float64)
-        if tokens_per_batch < 1:
-            raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
+        if tokens_per_batch is not None and tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1 (or None: every token)")
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
+
+    def _cat(self, name: str, value: torch.Tensor) -> None:
+        self._parts[name].append(value.detach().to("cpu", torch.int64 if name == "recon_batch" else self._dt))
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> Accumulator:
+        """As the base, but cached rows keep their stored precision (float32 / float64 / int64)."""
+        super().load_state_dict(sd)
+        for n in self._parts:
+            self._parts[n] = [sd[n].cpu()] if sd[n].shape[0] else []
+        return self
 
     def update(self, rec: MoERecord) -> None:
         if torch.isneginf(self._state["selection_bias"]).any():  # not read yet: the bias is fixed, read it once,
             # while the layer is live (layer-wise runs onload it only for its forward); "max" merges ranks
             self._state["selection_bias"] = selection_bias(rec.bank.block).to(self._state["selection_bias"].device)
+        # float32 holds bf16 / fp16 / fp32 values exactly (fp32 routers of low-precision models included)
+        self._dt = torch.float64 if rec.x.dtype == torch.float64 else torch.float32
         vi = rec.valid_index
         if vi is None:
             vi = torch.arange(rec.x.shape[0], device=rec.x.device)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + rec.batch_index)
-        pick = torch.randperm(vi.numel(), generator=gen)[: self.tokens_per_batch].sort().values
-        pick = vi[pick.to(vi.device)]
+        pick = vi
+        if self.tokens_per_batch is not None and vi.numel() > self.tokens_per_batch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + rec.batch_index)
+            sub = torch.randperm(vi.numel(), generator=gen)[: self.tokens_per_batch].sort().values
+            pick = vi[sub.to(vi.device)]
         lg = rec.logits.index_select(0, pick)
         self._cat("recon_logits", lg)
         self._cat("recon_expert_out", rec.bank.all_outputs(rec.x.index_select(0, pick), lg))
         self._cat("recon_target", rec.routed.index_select(0, pick))
+        self._cat("recon_batch", torch.full((pick.numel(),), rec.batch_index, dtype=torch.int64))
         if "recon_input" in self.shapes:
             self._cat("recon_input", rec.x.index_select(0, pick))

@@ -67,10 +67,13 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "sample_out_norm": ("paths", "cat", "[N]", "||Y||_F per sample (Pathfinder l_norm='relative')"),
     # --- cluster: C-Prune (sentence-level expert outputs)
     "sentence_out": ("cluster", "cat", "[N, E, H]", "f_j(mean over the sample's valid tokens of x_t)"),
-    # --- reconstruction: NAEE enumeration from a token subsample (pure function of these)
+    # --- reconstruction: NAEE enumeration over the cached tokens (all by default; pure function of these).
+    # Cached rows are float32 (float64 for float64 models); meta["recon"] records the cache policy.
     "recon_logits": ("reconstruction", "cat", "[T_s, E]", "router logits of cached tokens"),
     "recon_expert_out": ("reconstruction", "cat", "[T_s, E, H]", "f_j(x_t) for every expert on cached tokens"),
     "recon_target": ("reconstruction", "cat", "[T_s, H]", "routed block output (sum_k g*f) of cached tokens"),
+    "recon_batch": ("reconstruction", "cat", "[T_s]",
+                    "global calibration batch index of each cached token (int64; NAEE sums per-batch norms)"),
     "recon_input": ("reconstruction", "cat", "[T_s, H]",
                     "block input of cached tokens (only for routers with identity experts, LongCat)"),
     "selection_bias": ("reconstruction", "max", "[E_router]",
@@ -92,7 +95,9 @@ class ExpertStats:
     norm_topk_prob (the model config's flag, False when absent: REAP's reference gate renormalises iff set),
     expert_params {layer: parameters per expert}, other_params (all non-routed-expert parameters),
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
-    data (source, hash, seq_len, seed)."""
+    data (source, hash, seq_len, seed), recon (with ``reconstruction``: the NAEE cache decision
+    ``observe/recon_cache.py::ReconCachePlan`` - tokens_per_batch (None = all), max_gb, estimate_gb, cached_gb,
+    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound"))."""
 
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
