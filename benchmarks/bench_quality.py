@@ -43,6 +43,7 @@ METHODS = [
     ("S(0,2,2)", "squared_gated_sum", {}, "experts"),
     ("easyep", "easyep", {}, "experts"),
     ("naee", "naee", {"max_combinations": 20000}, "experts"),
+    ("naee loss=pooled", "naee", {"max_combinations": 20000, "loss": "pooled"}, "experts"),
     ("cprune", "cprune", {}, "experts"),
     ("cprune non-uniform", "cprune", {}, "method"),
     ("cprune global_stage=exact", "cprune", {"global_stage": "exact"}, "method"),
