@@ -186,7 +186,7 @@ def _hub_snapshot(repo: str) -> str:
 
 def _warn_uncovered(model, plan) -> None:
     """A plan without an entry for some MoE layer leaves it unpruned: say so (an explicit, logged choice)."""
-    from moeprune.arch.structure import moe_blocks
+    from moeprune.apply.experts import moe_blocks
 
     missing = plan.uncovered_layers(moe_blocks(model))
     if missing:
