@@ -55,9 +55,12 @@ def check_experts_implementation(name: str | None) -> str | None:
     return name
 
 
-def _parent_exists(spec: str) -> bool:
+def looks_like_local_path(spec: str) -> bool:
+    """The one rule telling a (mistyped) local path from a hub id: ``./x``, ``/x``, ``~/x``, ``a/b/c``, a
+    backslash, or ``out/model`` whose ``out`` folder exists here."""
     parent = os.path.dirname(spec.rstrip("/"))
-    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+    return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+            or (bool(parent) and os.path.isdir(os.path.expanduser(parent))))
 
 
 def resolve_model_source(spec: str) -> str:
@@ -73,7 +76,7 @@ def resolve_model_source(spec: str) -> str:
             "folder, a hub id like 'Qwen/Qwen3-30B-A3B', or tiny:<model_type>")
     if os.path.exists(path):
         raise FileNotFoundError(f"model {spec!r} is a file, not a checkpoint folder; " + hint.split("; ", 1)[1])
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or _parent_exists(spec) or "\\" in spec:
+    if looks_like_local_path(spec):
         raise FileNotFoundError(hint)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -25,16 +25,14 @@ class _Strict(BaseModel):
 
 def _check_local_path(value: str, what: str) -> str:
     """A value that names a local path must exist now (not after hours of observing)."""
+    from moeprune.models import looks_like_local_path
+    from moeprune.observe.data import BUILDERS  # the supported local file types, defined once
+
     p = os.path.expanduser(value)
-    parent = os.path.dirname(value.rstrip("/"))
-    looks_local = value.startswith((".", "/", "~")) or os.path.splitext(value)[1] in LOCAL_SUFFIXES or (
-        bool(parent) and os.path.isdir(parent))
-    if looks_local and not os.path.exists(p):
+    if (looks_like_local_path(value) or os.path.splitext(value)[1] in BUILDERS) and not os.path.exists(p):
         raise ValueError(f"{what}={value!r} does not exist (current folder {os.getcwd()}); fix the path")
     return value
 
-
-LOCAL_SUFFIXES = (".txt", ".text", ".md", ".py", ".json", ".jsonl", ".parquet", ".csv")
 
 
 class CalibrationConfig(_Strict):

@@ -105,6 +105,8 @@ def load_rows(source: str, *, split: str = "train", name: str | None = None):
     """A ``datasets.Dataset`` from a hub name (cached) or local file(s) / a folder of them."""
     import datasets
 
+    from moeprune.models import looks_like_local_path
+
     path = Path(source).expanduser()
     if path.exists():
         builder, files = _local_files(path)
@@ -118,19 +120,13 @@ def load_rows(source: str, *, split: str = "train", name: str | None = None):
         except Exception as e:  # noqa: BLE001 (pyarrow / pandas parse errors of a damaged file)
             raise ValueError(f"could not read {source} as {builder} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if path.suffix in BUILDERS or source.startswith((".", "/", "~")) or _parent_exists(source):
+    if path.suffix in BUILDERS or looks_like_local_path(source):
         raise FileNotFoundError(f"calibration file {source} does not exist (current folder {os.getcwd()})")
     try:
         return datasets.load_dataset(source, name, split=split)
     except Exception as e:  # datasets raises many types (offline, missing config, bad split)
         raise ValueError(f"could not load dataset {source!r} (config={name!r}, split={split!r}): {e}. Offline only "
                          "cached hub datasets load; a local .txt/.jsonl/.json/.parquet file always works") from e
-
-
-def _parent_exists(source: str) -> bool:
-    """``data/calib`` whose ``data`` folder exists here is a mistyped local path, not a hub dataset."""
-    parent = os.path.dirname(source.rstrip("/"))
-    return bool(parent) and os.path.isdir(parent)
 
 
 def _chat_text(messages: list, tokenizer) -> str:
