@@ -8,6 +8,17 @@ import logging
 import os
 import sys
 
+from moeprune.cli_support import (
+    StageFailed,
+    check_model_args,
+    cli_message,
+    hub_snapshot,
+    quiet_libraries,
+    warn_uncovered,
+    writable_dir,
+    writable_file,
+)
+
 EPILOG = """examples:
   moeprune demo out/demo                                   # tiny model, built-in data, REAP 50%
   moeprune run recipe.yaml out/run --set target.expert_sparsity=0.25
@@ -36,32 +47,6 @@ def _default(section: str, field: str):
     return cls.model_fields[field].default
 
 
-def _writable_file(path: str | None, what: str) -> None:
-    """Fail before any computation when ``path`` cannot be written (results would be lost at the end)."""
-    if path:
-        _writable_dir(os.path.dirname(os.path.abspath(path)), what)
-
-
-def _writable_dir(folder: str, what: str) -> None:
-    import tempfile
-
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".moeprune-write-test-"):
-            pass
-    except OSError as e:
-        raise PermissionError(f"{what} folder {folder} is not writable ({e.strerror or e}); choose another --out "
-                              "before computing anything") from None
-
-
-def _check_model_args(a) -> None:
-    """Validate --dtype/--device/--experts-implementation before loading anything."""
-    from moeprune.models import check_device, check_experts_implementation, parse_dtype
-
-    parse_dtype(a.dtype)
-    if getattr(a, "device", None):
-        check_device(a.device)
-    check_experts_implementation(getattr(a, "experts_implementation", None))
 
 
 def cmd_run(a) -> None:
@@ -86,12 +71,12 @@ def cmd_observe(a) -> None:
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
                             text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise)
-    _check_model_args(a)
+    check_model_args(a)
     if a.method:
         from moeprune.methods.registry import get_method
 
         get_method(a.method)
-    _writable_dir(a.out, "statistics")
+    writable_dir(a.out, "statistics")
     warn_positions(a.model, cfg.seq_len, "calibration")
     if a.layerwise and os.path.isdir(a.model):  # larger than memory: decoder layers stay on disk until used
         model, tok = load_offloaded_model(a.model, os.path.join(a.out, "offload"), dtype=a.dtype, device=a.device,
@@ -136,7 +121,7 @@ def cmd_plan(a) -> None:
     from moeprune.observe.stats import ExpertStats
 
     method = get_method(a.method, **_kv(a.opt))
-    _writable_file(a.out, "plan")
+    writable_file(a.out, "plan")
     stats = ExpertStats.load(a.stats)
     target = Target(expert_sparsity=a.sparsity, param_ratio=a.param_ratio, memory_gb=a.memory_gb,
                     allocation=a.allocation, min_keep=a.min_keep)
@@ -158,39 +143,18 @@ def cmd_apply(a) -> None:
             raise ValueError(f"--streaming rewrites a checkpoint folder; {a.model!r} is a built-in tiny model, not "
                              "one (drop --streaming)")
         if not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache offline)
-            src = _hub_snapshot(src)
+            src = hub_snapshot(src)
         out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size)
     else:
         from moeprune.apply import apply_plan, save_pruned
         from moeprune.models import load_model
 
         model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
-        _warn_uncovered(model, plan)
+        warn_uncovered(model, plan)
         apply_plan(model, plan)
         out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
                           overwrite=a.overwrite)
     print(f"pruned checkpoint written to {out}")
-
-
-def _hub_snapshot(repo: str) -> str:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py",
-                                                       "*.jinja"])
-    except Exception as e:  # noqa: BLE001 (offline, no such repo, no connection: huggingface_hub raises many types)
-        raise FileNotFoundError(f"--model {repo!r} is neither a local folder (current folder {os.getcwd()}) nor a "
-                                f"hub model available here ({type(e).__name__}); offline, only cached models load"
-                                ) from None
-
-
-def _warn_uncovered(model, plan) -> None:
-    """A plan without an entry for some MoE layer leaves it unpruned: say so (an explicit, logged choice)."""
-    from moeprune.apply.experts import moe_blocks
-
-    missing = plan.uncovered_layers(moe_blocks(model))
-    if missing:
-        logging.getLogger("moeprune").warning("the plan has no entry for MoE layers %s: they stay unpruned", missing)
 
 
 def cmd_eval(a) -> None:
@@ -203,8 +167,8 @@ def cmd_eval(a) -> None:
     cfg = EvalConfig(perplexity=text, seq_len=a.seq_len, max_tokens=a.max_tokens, kl=a.base is not None,
                      lm_eval_tasks=[t for t in (a.tasks or "").split(",") if t], lm_eval_include_path=a.include_path,
                      lm_eval_limit=a.limit)
-    _check_model_args(a)
-    _writable_file(a.out, "eval output")
+    check_model_args(a)
+    writable_file(a.out, "eval output")
     warn_positions(a.model, cfg.seq_len, "eval")
     model, tok = load_model(a.model, dtype=a.dtype, device=a.device)
     base = None
@@ -225,10 +189,6 @@ def cmd_eval(a) -> None:
         raise StageFailed(f"{stage[0]} failed after earlier stages finished ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}){where}") from e
     _write_eval(res, a.out)
-
-
-class StageFailed(RuntimeError):
-    """A late stage failed after earlier results were saved."""
 
 
 def _eval_stages(res: dict, key: str, model, base, tok, cfg, stage: list[str], *, progress: bool) -> None:
@@ -394,54 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# API spellings in messages -> what a CLI user types
-CLI_SPELLING = (
-    ("pass overwrite=True", "pass --overwrite"),
-    ("use an empty checkpoint_dir or resume=False", "delete that folder or observe into a new --out folder"),
-    ("pass tokenizer=... (the model folder has none)", "add a tokenizer to the model folder"),
-)
-
-
-def cli_message(e: BaseException) -> str:
-    """One readable line (or a few for several recipe errors), in CLI spelling."""
-    from pydantic import ValidationError
-
-    if isinstance(e, ValidationError):
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}" if loc and not msg.startswith(loc.split(".")[-1]) else msg)
-        msg = "; ".join(lines)
-    else:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    for api, cli in CLI_SPELLING:
-        msg = msg.replace(api, cli)
-    return msg
-
-
-def _quiet() -> None:
-    """--quiet: no transformers / hub progress bars or loading chatter, no accelerate meta-device warning."""
-    import warnings
-
-    import huggingface_hub
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
-    for name in ("accelerate", "accelerate.utils.modeling", "accelerate.big_modeling"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="accelerate")
-    warnings.filterwarnings("ignore", module="transformers")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOEPRUNE_LOG_LEVEL", "DEBUG" if args.verbose else "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "quiet", False):
-        _quiet()
+        quiet_libraries()
     try:
         args.fn(args)
     except StageFailed as e:
