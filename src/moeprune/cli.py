@@ -363,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except StageFailed as e:
-        print(f"moeprune {args.cmd}: error: {cli_message(e)}", file=sys.stderr)
+        print(f"moeprune {args.cmd}: error: {cli_message(e, args.cmd)}", file=sys.stderr)
         return 1
     except (ValueError, OSError, KeyError, NotImplementedError, ImportError) as e:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
-        print(f"moeprune {args.cmd}: error: {cli_message(e)}", file=sys.stderr)
+        print(f"moeprune {args.cmd}: error: {cli_message(e, args.cmd)}", file=sys.stderr)
         return 2
     return 0
 

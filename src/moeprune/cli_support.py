@@ -64,10 +64,16 @@ CLI_SPELLING = (
     ("use an empty checkpoint_dir or resume=False", "delete that folder or observe into a new --out folder"),
     ("pass tokenizer=... (the model folder has none)", "add a tokenizer to the model folder"),
 )
+# recipe keys -> the flag of the stage commands that set them (run / validate keep the recipe spelling)
+FLAG_SPELLING = {
+    "eval": (("eval.perplexity=", "--text "), ("set perplexity: null to skip perplexity", "pass --text none"),
+             ("eval.lm_eval_include_path=", "--include-path ")),
+    "observe": (("calibration.dataset=", "--data "),),
+}
 
 
-def cli_message(e: BaseException) -> str:
-    """One readable line (or a few for several recipe errors), in CLI spelling."""
+def cli_message(e: BaseException, cmd: str | None = None) -> str:
+    """One readable line (or a few for several recipe errors), in the spelling of the CLI command ``cmd``."""
     from pydantic import ValidationError
 
     if isinstance(e, ValidationError):
@@ -75,11 +81,11 @@ def cli_message(e: BaseException) -> str:
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}" if loc and not msg.startswith(loc.split(".")[-1]) else msg)
+            lines.append(f"{loc}: {msg}" if loc and f"{loc.split('.')[-1]}=" not in msg else msg)
         msg = "; ".join(lines)
     else:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    for api, cli in CLI_SPELLING:
+    for api, cli in CLI_SPELLING + FLAG_SPELLING.get(cmd or "", ()):
         msg = msg.replace(api, cli)
     return msg
 
