@@ -124,7 +124,7 @@ class ExpertStats:
         return int(n) if n is not None else int(self.get(layer, "count").numel())
 
     # ---- merging (data-parallel ranks, data shards)
-    def merge(self, other: "ExpertStats") -> "ExpertStats":
+    def merge(self, other: ExpertStats) -> ExpertStats:
         """In place: add ``other``'s statistics (same model and features)."""
         if set(self.layers) != set(other.layers):
             raise ValueError(f"cannot merge stats of layers {sorted(self.layers)} and {sorted(other.layers)}")
@@ -160,19 +160,40 @@ class ExpertStats:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "ExpertStats":
+    def load(cls, folder: str | os.PathLike) -> ExpertStats:
         folder = os.fspath(folder)
         tp, jp = os.path.join(folder, "stats.safetensors"), os.path.join(folder, "stats.json")
         if not (os.path.exists(tp) and os.path.exists(jp)):
             raise FileNotFoundError(f"{folder} holds no moeprune statistics (stats.safetensors + stats.json); "
                                     "create them with `moeprune observe`")
-        with open(jp) as f:
-            meta = json.load(f)
-        if meta.pop("format", None) != STATS_FORMAT:
+        try:
+            with open(jp, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{jp} is not valid JSON ({e}); re-run `moeprune observe` to recreate it") from None
+        if not isinstance(meta, dict) or meta.pop("format", None) != STATS_FORMAT:
             raise ValueError(f"{jp} is not in format {STATS_FORMAT}")
+        try:
+            tensors = load_file(tp)
+        except Exception as e:  # noqa: BLE001 (safetensors raises SafetensorError, OSError, ...)
+            raise ValueError(f"{tp} is unreadable ({type(e).__name__}: {e}); it is truncated or not a safetensors "
+                             "file: re-run `moeprune observe` to recreate it") from None
         layers: dict[int, dict[str, torch.Tensor]] = {}
-        for key, t in load_file(tp).items():
-            li, name = key.split(".", 1)
+        for key, t in tensors.items():
+            li, _, name = key.partition(".")
+            if not li.isdigit() or not name:
+                raise ValueError(f"{tp}: tensor {key!r} is not named '<layer>.<statistic>'; not moeprune statistics")
             layers.setdefault(int(li), {})[name] = t
-        return cls(layers=layers, meta=meta)
+        stats = cls(layers=layers, meta=meta)
+        stats.check_finite(tp)
+        return stats
 
+    def check_finite(self, where: str = "statistics") -> None:
+        """Refuse NaN/inf statistics: every method would turn them into arbitrary scores (a plan keeping
+        experts 0..k-1), so the error points at the layer and statistic instead."""
+        for li, d in sorted(self.layers.items()):
+            for name, t in sorted(d.items()):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise ValueError(f"{where}: {bad} of {t.numel()} values of {name!r} in layer {li} are NaN/inf; "
+                                     "re-run `moeprune observe` (in float32, or with fewer overflowing tokens)")
