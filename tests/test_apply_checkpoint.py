@@ -12,8 +12,10 @@ import transformers
 from moeprune.apply import apply_plan, load_pruned, save_pruned
 from moeprune.apply.checkpoint import PLAN_FILE, REMOTE_CODE_FILE
 from moeprune.apply.config import is_per_layer
-from moeprune.arch.tiny import ALL_TINY_ARCHS, example_plan
+from moeprune.arch.structure import ALIGN_BYTES, realign_tensors_
+from moeprune.arch.tiny import ALL_TINY_ARCHS
 from moeprune.plan import PruningPlan
+from moeprune.testing import example_plan
 
 
 def _logits(model, x):
@@ -76,7 +78,32 @@ def test_uniform_plain_reload(arch, tiny_cache, input_ids, tmp_path):
         loaded, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert _clean(info), info
     assert _sd_equal(loaded, pruned)
+    if arch != "jetmoe":
+        # Plain from_pretrained keeps the safetensors memory map, 8-byte aligned: CPU GEMM kernels chosen by
+        # alignment (MKL on non-AVX-512 paths) may round differently, so only fp32 round-off is promised here.
+        torch.testing.assert_close(_logits(loaded, input_ids), out, atol=1e-4, rtol=1e-4)
+        realign_tensors_(loaded)  # what load_pruned does: then the same kernels, the same bits
     torch.testing.assert_close(_logits(loaded, input_ids), out, atol=0, rtol=0)
+
+
+def test_load_pruned_returns_aligned_tensors(tiny_cache, tmp_path):
+    """Root cause of reloaded-vs-in-memory differences on some CPUs: mmapped safetensors are only
+    8-byte aligned; load_pruned (and the remote code) realign every CPU tensor to 64 bytes."""
+    model = tiny_cache("qwen3_moe")
+    plan = example_plan(model)
+    path = save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path / "c", plan=plan)
+    loaded = load_pruned(path)
+    assert all(t.data_ptr() % ALIGN_BYTES == 0 for t in loaded.state_dict().values())
+    remote = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert all(t.data_ptr() % ALIGN_BYTES == 0 for t in remote.state_dict().values())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(save_pruned(
+        apply_plan(copy.deepcopy(model), example_plan(model, uniform=True)), tmp_path / "u"))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    tied = plain.lm_head.weight is plain.get_input_embeddings().weight
+    realign_tensors_(plain)
+    assert all(t.data_ptr() % ALIGN_BYTES == 0 for t in plain.state_dict().values())
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+    assert (plain.lm_head.weight is plain.get_input_embeddings().weight) == tied
 
 
 def test_atomic_save_leaves_nothing_on_failure(fresh_tiny, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from moeprune.apply import apply_plan, save_pruned
 from moeprune.apply.checkpoint import REMOTE_CODE_FILE, write_config
 from moeprune.apply.config import finalize_config, get_record
 from moeprune.arch.adapters import cfg_get, get_adapter
-from moeprune.arch.tiny import example_plan
+from moeprune.testing import example_plan
 
 
 def _meta_from(config):

@@ -10,8 +10,9 @@ from moeprune.apply import apply_plan, mask_experts, prune_experts_
 from moeprune.apply.config import get_record
 from moeprune.apply.experts import moe_blocks
 from moeprune.arch.structure import current_top_k, group_info, num_experts_of
-from moeprune.arch.tiny import ALL_TINY_ARCHS, example_plan
+from moeprune.arch.tiny import ALL_TINY_ARCHS
 from moeprune.plan import LayerPlan, PruningPlan
+from moeprune.testing import example_plan
 
 
 def _logits(model, x):

@@ -9,7 +9,7 @@ import torch
 from moeprune.apply import mask_experts
 from moeprune.apply.experts import moe_blocks
 from moeprune.arch.structure import get_experts
-from moeprune.arch.tiny import example_plan
+from moeprune.testing import example_plan
 
 
 def _state(model):

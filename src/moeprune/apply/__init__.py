@@ -1,59 +1,19 @@
 """Apply a ``PruningPlan`` to a model in memory, simulate it, save and reload the result.
 
-``apply_plan(model, plan)`` prunes experts then neurons in place (plan ids are ORIGINAL ids);
-``mask_experts(model, plan)`` simulates a plan without slicing; ``save_pruned``/``load_pruned``
-write and read HF folders (per-layer shapes via ``config.moe_pruning``);
+``apply_plan(model, plan)`` prunes experts then neurons in place (plan ids are ORIGINAL ids;
+``apply/inplace.py``); ``mask_experts(model, plan)`` simulates a plan without slicing;
+``save_pruned``/``load_pruned`` write and read HF folders (per-layer shapes via ``config.moe_pruning``);
 ``rewrite_checkpoint(src, plan, out)`` applies a plan to safetensors shards without loading the model.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from moeprune.apply.checkpoint import load_pruned, save_pruned
 from moeprune.apply.config import finalize_config
-from moeprune.apply.experts import check_expert_ids, moe_blocks, prune_experts_
+from moeprune.apply.experts import prune_experts_
+from moeprune.apply.inplace import apply_plan, check_plan
 from moeprune.apply.masking import mask_experts
-from moeprune.apply.neurons import check_neuron_ids, prune_neurons_
+from moeprune.apply.neurons import prune_neurons_
 from moeprune.apply.streaming import rewrite_checkpoint
-from moeprune.arch.adapters import get_adapter
-from moeprune.arch.structure import num_experts_of
-from moeprune.plan import PruningPlan
 
 __all__ = ["apply_plan", "check_plan", "finalize_config", "load_pruned", "mask_experts", "prune_experts_",
            "prune_neurons_", "rewrite_checkpoint", "save_pruned"]
-
-
-def check_plan(model: nn.Module, plan: PruningPlan) -> None:
-    """Refuse a plan that does not fit the model (layers, expert counts, top_k, channels) before
-    anything is modified."""
-    adapter = get_adapter(model)
-    if plan.model_type and plan.model_type not in (adapter.model_type, getattr(model.config, "model_type", None)):
-        raise ValueError(f"the plan was made for model_type {plan.model_type!r}, the model is "
-                         f"{adapter.model_type!r}")
-    blocks = moe_blocks(model)
-    for li, lp in plan.layers.items():
-        if li not in blocks:
-            raise ValueError(f"plan layer {li} is not an MoE layer of this model; MoE layers: {sorted(blocks)}")
-        n = num_experts_of(blocks[li])
-        if lp.num_experts != n:
-            raise ValueError(f"plan layer {li} was made for {lp.num_experts} experts, the model layer has {n} "
-                             f"(already pruned, or a different model?)")
-    keep = check_expert_ids(model, plan.keep())
-    neurons = {li: dict(lp.neurons) for li, lp in plan.layers.items() if lp.neurons}
-    check_neuron_ids(model, neurons, expert_ids=keep)
-
-
-def apply_plan(model: nn.Module, plan: PruningPlan, *, regroup: str = "auto") -> nn.Module:
-    """Prune ``model`` in place by ``plan``: experts first, then the neurons of kept experts
-    (neuron keeps are keyed by original expert ids and renumbered here). Returns the model."""
-    check_plan(model, plan)
-    prune_experts_(model, plan.keep(), regroup=regroup, finalize=False)
-    neurons = {}
-    for li, lp in plan.layers.items():
-        if lp.neurons:
-            pos = {e: i for i, e in enumerate(lp.keep)}
-            neurons[li] = {pos[e]: list(ch) for e, ch in lp.neurons.items()}
-    if neurons:
-        prune_neurons_(model, neurons, finalize=False)
-    finalize_config(model)
-    return model

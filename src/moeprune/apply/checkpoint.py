@@ -65,6 +65,12 @@ class {cls}(_Base):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         apply_moe_pruning_structure(self, getattr(config.get_text_config(), "moe_pruning", None))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):  # aligned tensors: the same CPU kernels as in memory
+        out = super().from_pretrained(*args, **kwargs)
+        realign_tensors_(out[0] if isinstance(out, tuple) else out)
+        return out
 '''
 
 
@@ -165,14 +171,18 @@ def pruned_class(base: type) -> type:
 def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs: Any) -> nn.Module:
     """Load a folder written by ``save_pruned`` (uniform or per-layer) without remote code.
     Keyword arguments go to ``from_pretrained`` (``dtype``, ``device_map``,
-    ``output_loading_info``...)."""
+    ``output_loading_info``...). CPU tensors come back 64-byte aligned, like a model built in memory
+    (``structure.realign_tensors_``), so the reloaded model runs the same CPU kernels as the
+    in-memory pruned one and gives the same logits bit for bit."""
     kw = {k: from_pretrained_kwargs[k] for k in ("revision", "token") if k in from_pretrained_kwargs}
     cfg = transformers.AutoConfig.from_pretrained(path, **kw)
     arch = (getattr(cfg, "base_architectures", None) or getattr(cfg, "architectures", None) or [None])[0]
     base = getattr(transformers, arch, None) if arch else None
     if base is None:
         raise ValueError(f"{path}: config.architectures={arch!r} is not a transformers class; cannot rebuild it")
-    return pruned_class(base).from_pretrained(path, **from_pretrained_kwargs)
+    out = pruned_class(base).from_pretrained(path, **from_pretrained_kwargs)
+    structure.realign_tensors_(out[0] if isinstance(out, tuple) else out)  # see realign_tensors_
+    return out
 
 
 def pruning_record(path_or_model: Any) -> dict[str, Any]:

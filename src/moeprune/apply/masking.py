@@ -20,13 +20,13 @@ from torch.overrides import TorchFunctionMode
 from moeprune.apply.experts import check_expert_ids, moe_blocks
 from moeprune.apply.neurons import check_neuron_ids
 from moeprune.arch.structure import (
-    expert_indexed_tensors,
     get_router,
     inter_layout,
     intermediate_size_of,
     kill_channels_,
     num_experts_of,
     router_weight,
+    selection_biases,
 )
 from moeprune.plan import PruningPlan
 
@@ -49,19 +49,6 @@ class _AddRouterMask(TorchFunctionMode):
             self.active = None
             out = out + mask.to(device=out.device, dtype=out.dtype)
         return out
-
-
-def selection_biases(block: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """``(owner, attr, expert_dim)`` of selection-only biases (not the router weight/bias, which
-    are masked through the logits, nor Gemma4's multiplicative ``per_expert_scale``)."""
-    out = []
-    for qn, mod, attr, dim in expert_indexed_tensors(block)[0]:
-        if qn.startswith("experts.") or attr in ("weight", "bias") or "scale" in attr:
-            continue
-        if mod is get_router(block) and attr == "weight":
-            continue
-        out.append((mod, attr, dim))
-    return out
 
 
 def _plan_parts(model: nn.Module, plan: PruningPlan | dict) -> tuple[dict, dict]:

@@ -29,6 +29,7 @@ import transformers
 
 from moeprune.apply.checkpoint import PLAN_FILE, REMOTE_CODE_FILE, pruned_class, write_config
 from moeprune.apply.config import is_per_layer
+from moeprune.apply.inplace import apply_plan, check_plan
 from moeprune.apply.shards import is_weight_file, open_handles, source_files, write_shards
 from moeprune.apply.streaming_specs import (
     Layer,
@@ -147,8 +148,6 @@ def rewrite_checkpoint(
         raise FileExistsError(f"output {out} exists and is not empty; pass overwrite=True to replace it")
     if not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
-    from moeprune.apply import apply_plan, check_plan
-
     sources = source_specs(source_files(src))
     dtype = dominant_dtype(sources)
     model = _meta_model(src, dtype)

@@ -169,6 +169,19 @@ def expert_indexed_tensors(block: nn.Module):
     return out, n, n_zero
 
 
+def selection_biases(block: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """``(owner, attr, expert_dim)`` of selection-only biases (not the router weight/bias, which
+    are masked through the logits, nor Gemma4's multiplicative ``per_expert_scale``)."""
+    out = []
+    for qn, mod, attr, dim in expert_indexed_tensors(block)[0]:
+        if qn.startswith("experts.") or attr in ("weight", "bias") or "scale" in attr:
+            continue
+        if mod is get_router(block) and attr == "weight":
+            continue
+        out.append((mod, attr, dim))
+    return out
+
+
 def _expert_rows(idx: torch.Tensor, size: int, n_old: int, n_zero: int) -> torch.Tensor:
     if size == n_old:
         return idx
@@ -336,3 +349,31 @@ def apply_moe_pruning_structure(model: nn.Module, spec: dict | None) -> nn.Modul
         if li in inter:
             slice_neurons_(block, torch.arange(int(inter[li])).expand(num_experts_of(block), -1))
     return model
+
+
+# ---------------------------------------------------------------- memory layout after loading
+ALIGN_BYTES = 64  # torch's CPU allocator alignment: what every tensor built in memory gets
+
+
+def realign_tensors_(model: nn.Module, align: int = ALIGN_BYTES) -> int:
+    """Copy every CPU parameter/buffer whose address is not ``align``-byte aligned into a fresh
+    allocation; returns how many were copied.
+
+    Why: ``from_pretrained`` memory-maps safetensors, whose tensors start only 8-byte aligned (the
+    header is padded to 8). CPU GEMM libraries choose kernels by alignment (MKL on non-AVX-512 paths,
+    e.g. AMD EPYC; torch <= 2.10 ``grouped_mm`` falls back to a loop), so a reloaded model could round
+    differently from the identical in-memory one. After this both run the same kernels."""
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in store.items():
+                    if t is None or t.device.type != "cpu" or t.numel() == 0 or t.data_ptr() % align == 0:
+                        continue
+                    fresh = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+                    if isinstance(t, nn.Parameter):
+                        t.data = fresh  # same Parameter object: tied weights stay tied
+                    else:
+                        store[name] = fresh
+                    n += 1
+    return n

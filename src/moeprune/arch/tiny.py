@@ -9,20 +9,10 @@ from __future__ import annotations
 import torch
 import transformers
 
-from moeprune.arch.structure import (
-    current_top_k,
-    get_router,
-    group_info,
-    intermediate_size_of,
-    iter_moe_blocks,
-    num_experts_of,
-)
-from moeprune.plan import LayerPlan, PruningPlan
-
 H, E, K, INTER = 64, 8, 2, 32
-COMMON = dict(hidden_size=H, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-              max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
+COMMON = {"hidden_size": H, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 256, "max_position_embeddings": 128, "tie_word_embeddings": False, "pad_token_id": 0,
+          "bos_token_id": 1, "eos_token_id": 2}
 
 
 def _mla(**kw):
@@ -85,8 +75,8 @@ def tiny_config(arch: str, *, num_experts: int = E, top_k: int = K) -> transform
                                          intermediate_size=i, num_local_experts=n, num_experts_per_tok=k,
                                          kv_channels=16),
         "dbrx": lambda: T.DbrxConfig(d_model=H, n_heads=4, n_layers=3, vocab_size=256, max_seq_len=128,
-                                     ffn_config=dict(ffn_hidden_size=i, moe_num_experts=n, moe_top_k=k),
-                                     attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
+                                     ffn_config={"ffn_hidden_size": i, "moe_num_experts": n, "moe_top_k": k},
+                                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}),
         "llama4_text": lambda: T.Llama4TextConfig(**c, head_dim=16, intermediate_size=i, intermediate_size_mlp=96,
                                                   num_local_experts=n, num_experts_per_tok=1,
                                                   interleave_moe_layer_step=1),
@@ -212,30 +202,3 @@ def tiny_model(arch: str = "qwen3_moe", *, num_experts: int = E, top_k: int = K,
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     return rerandomize_(model, seed=seed + 1).to(dtype)
-
-
-def example_plan(model: torch.nn.Module, *, seed: int = 0, uniform: bool = False,
-                 neurons: bool = False) -> PruningPlan:
-    """A deterministic plan for ``model`` (tests, demo): non-uniform kept counts (6/5/4/3 of 8 by
-    layer), balanced across router groups for group-limited routers (3 then 2 per group of 4), or
-    ``uniform`` (E-2 everywhere, one per group); ``neurons`` adds ragged channel keeps per kept expert
-    (original ids)."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for j, (li, _, block) in enumerate(iter_moe_blocks(model)):
-        n, (ng, _tg) = num_experts_of(block), group_info(block)
-        grouped = ng > 1 and getattr(get_router(block), "topk_method", "") != "greedy"
-        if grouped:
-            size = n // ng
-            per = size - 1 if uniform else max(2, size - 1 - j % 2)
-            keep = [q * size + e for q in range(ng) for e in torch.randperm(size, generator=g)[:per].tolist()]
-        else:
-            count = n - 2 if uniform else max(current_top_k(block) or 1, [6, 5, 4, 3][j % 4] * n // 8)
-            keep = torch.randperm(n, generator=g)[:count].tolist()
-        chans = None
-        if neurons:
-            inter = intermediate_size_of(block)
-            chans = {e: torch.randperm(inter, generator=g)[: inter * 3 // 4 - 3 * (i % 3) - 4 * (j % 2)].tolist()
-                     for i, e in enumerate(sorted(keep))}
-        layers[li] = LayerPlan(num_experts=n, keep=tuple(keep), neurons=chans)
-    return PruningPlan(layers=layers, method="example", model_type=model.config.model_type)

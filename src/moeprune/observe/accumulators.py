@@ -317,8 +317,7 @@ class ClusterAccumulator(Accumulator):
 def selection_bias(block) -> torch.Tensor:
     """``[E_router]`` float64 sum of a block's selection-only biases (``e_score_correction_bias``,
     ``expert_bias``, ``moe_statics``): they change which experts are chosen, not their weights."""
-    from moeprune.apply.masking import selection_biases
-    from moeprune.arch.structure import get_router, router_weight
+    from moeprune.arch.structure import get_router, router_weight, selection_biases
 
     out = torch.zeros(router_weight(get_router(block)).shape[0], dtype=torch.float64)
     for mod, attr, dim in selection_biases(block):

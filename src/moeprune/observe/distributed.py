@@ -1,7 +1,8 @@
 """Data-parallel calibration with ``torch.distributed``: each rank observes a contiguous shard of the
 batches (so per-sample rows concatenated in rank order are in the single-process order, and the
-reconstruction subsample, seeded by the GLOBAL batch index, is the same), then statistics are reduced to
-``dst``: sums with ``SUM``, maxima with ``MAX``, per-sample rows gathered and concatenated in rank order.
+reconstruction subsample, seeded by the GLOBAL batch index, is the same), then every rank's statistics are
+gathered to ``dst`` and merged there in rank order (``ExpertStats.merge``: float64 sums, maxima, rows
+concatenated), so the result does not depend on the backend's reduction algorithm.
 Works with gloo (CPU tensors) and NCCL (tensors are moved to the current CUDA device for the reduction).
 """
 from __future__ import annotations
@@ -32,42 +33,57 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def reduce_stats(stats: ExpertStats, *, dst: int = 0, group=None) -> ExpertStats | None:
-    """Reduce every rank's ``stats`` to rank ``dst`` (returns the merged stats there, None elsewhere)."""
-    rank = dist.get_rank(group)
+def _gather_layers(stats: ExpertStats, names: dict[int, list[str]], dst: int, group) -> list[dict] | None:
+    """Every rank's ``{layer: {name: tensor}}`` on ``dst`` (None elsewhere), in rank order: fixed-shape
+    statistics as float64 tensors (``dist.gather``), per-sample rows as objects (ragged lengths)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     dev = _comm_device(group)
+    per_rank: list[dict] = [{li: {} for li in names} for _ in range(world)]
+    for li in sorted(names):
+        for name in names[li]:
+            t = stats.layers[li][name]
+            if SCHEMA.get(name, ("", "sum"))[1] in ("sum", "max"):
+                buf = t.to(dev, torch.float64).contiguous()
+                parts = [torch.empty_like(buf) for _ in range(world)] if rank == dst else None
+                dist.gather(buf, parts, dst=dst, group=group)
+            else:
+                parts = [None] * world if rank == dst else None
+                dist.gather_object(t.cpu(), parts, dst=dst, group=group)
+            if rank == dst:
+                for r in range(world):
+                    per_rank[r][li][name] = parts[r].cpu()
+    return per_rank if rank == dst else None
+
+
+def reduce_stats(stats: ExpertStats, *, dst: int = 0, group=None) -> ExpertStats | None:
+    """Reduce every rank's ``stats`` to rank ``dst`` (returns the merged stats there, None elsewhere).
+
+    Deterministic: the ranks' statistics are gathered and folded in rank order with ``ExpertStats.merge``
+    (float64 sums, maxima, rows concatenated), never with a collective whose summation order depends on
+    the backend's algorithm. So the result is bit for bit ``s_0.merge(s_1)...merge(s_{W-1})``; against a
+    single process it differs only by the float64 re-association of the per-shard sums."""
+    rank = dist.get_rank(group)
     names = {li: sorted(d) for li, d in stats.layers.items()}
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, names, group=group)
     if any(e != names for e in everyone):
         raise ValueError("ranks observed different layers/statistics; run the same model and features everywhere")
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for li in sorted(stats.layers):
-        out[li] = {}
-        for name in names[li]:
-            t = stats.layers[li][name]
-            red = SCHEMA.get(name, ("", "sum"))[1]
-            if red in ("sum", "max"):
-                buf = t.to(dev, torch.float64).contiguous()
-                dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM if red == "sum" else dist.ReduceOp.MAX, group=group)
-                out[li][name] = buf.cpu()
-            else:
-                parts: list[Any] = [None] * dist.get_world_size(group) if rank == dst else None
-                dist.gather_object(t.cpu(), parts, dst=dst, group=group)
-                if rank == dst:
-                    out[li][name] = torch.cat(parts, 0)
+    per_rank = _gather_layers(stats, names, dst, group)
     metas: list[Any] = [None] * dist.get_world_size(group) if rank == dst else None
     dist.gather_object(stats.meta, metas, dst=dst, group=group)
     if rank != dst:
         return None
-    meta = dict(metas[0])
+    merged = ExpertStats(layers=per_rank[0], meta=dict(metas[0]))
+    for layers, meta in zip(per_rank[1:], metas[1:]):
+        merged.merge(ExpertStats(layers=layers, meta=meta))
+    meta = merged.meta
     meta["num_samples"] = sum(m.get("num_samples", 0) for m in metas)
     meta["num_tokens"] = sum(m.get("num_tokens", 0) for m in metas)
     observed = [m for m in metas if all(r.get("source") == "observed" for r in m.get("router", {}).values())]
     if observed:
         meta["router"] = observed[0]["router"]
     meta["world_size"] = len(metas)
-    return ExpertStats(layers=out, meta=meta)
+    return merged
 
 
 def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
