@@ -104,10 +104,12 @@ def test_bash_command_parses(argv):
 def test_yaml_block_is_a_valid_recipe(tmp_path, monkeypatch):
     (text,) = blocks("yaml")
     data = yaml.safe_load(text)
+    monkeypatch.chdir(tmp_path)  # the recipe names local files: validation checks that they exist
+    for key in (data["calibration"]["dataset"], data["eval"]["perplexity"]):
+        (tmp_path / key).write_text('{"text": "some text"}\n' if key.endswith(".jsonl") else "some text\n")
     recipe = Recipe.model_validate(data)
     assert recipe.model == data["model"] and recipe.method.name == data["method"]["name"]
     assert recipe.target.expert_sparsity == data["target"]["expert_sparsity"]
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "recipe.yaml").write_text(text)
     assert build_parser().parse_args(["validate", "recipe.yaml"]).fn is not None
     assert Recipe.load("recipe.yaml").model_dump() == recipe.model_dump()
