@@ -11,6 +11,12 @@ from moeprune.apply.experts import moe_blocks
 from moeprune.arch.structure import get_experts
 from moeprune.testing import example_plan
 
+CORE = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe")  # also run in bf16
+
+
+def _id(v) -> str:
+    return str(v).removeprefix("torch.")
+
 
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -39,10 +45,11 @@ def _capture_ids(model):
     return seen, handles
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "minimax_m2", "afmoe",
-                                  "gemma4_text", "kolibri1", "inkling_text"])
-def test_pruned_experts_never_selected(arch, tiny_cache, input_ids):
-    model = tiny_cache(arch)
+@pytest.mark.parametrize("arch,dtype", [(a, torch.float32) for a in (
+    "mixtral", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "minimax_m2", "afmoe", "gemma4_text", "kolibri1",
+    "inkling_text")] + [(a, torch.bfloat16) for a in CORE], ids=_id)
+def test_pruned_experts_never_selected(arch, dtype, tiny_cache, input_ids):
+    model = tiny_cache(arch, dtype)
     plan = example_plan(model)
     seen, handles = _capture_ids(model)
     try:
@@ -71,9 +78,11 @@ def test_longcat_zero_experts_stay_routable(tiny_cache):
         assert ids <= {0, 1, 2, 8, 9} and ids & {8, 9}  # zero experts 8, 9 still chosen
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "afmoe", "ernie4_5_moe", "gpt_oss", "dbrx", "gemma4_text"])
-def test_restores_exactly(arch, tiny_cache, input_ids):
-    model = tiny_cache(arch)
+@pytest.mark.parametrize("arch,dtype", [(a, torch.float32) for a in (
+    "deepseek_v3", "afmoe", "ernie4_5_moe", "gpt_oss", "dbrx", "gemma4_text")] + [(a, torch.bfloat16) for a in CORE],
+    ids=_id)
+def test_restores_exactly(arch, dtype, tiny_cache, input_ids):
+    model = tiny_cache(arch, dtype)
     plan = example_plan(model, neurons=True)  # biases set to -inf and channels zeroed inside
     before = _state(model)
     with torch.no_grad():

@@ -144,3 +144,80 @@ def test_composite_llama4_config_uses_text_config():
     cfg = transformers.Llama4Config(text_config=tiny_config("llama4_text").to_dict())
     ad = get_adapter(cfg)
     assert ad.num_experts == "num_local_experts" and cfg_get(cfg, ad.num_experts) == 8
+
+
+# ---------------------------------------------------------------------------- layouts and router recipes as data
+LAYOUT = {"dbrx": "dbrx", "longcat_flash": "longcat", "llama4_text": "llama4", "jetmoe": "jetmoe"}
+
+
+@pytest.mark.parametrize("arch", ALL_TINY_ARCHS)
+def test_layout_is_adapter_data(arch, tiny_cache):
+    """Every family's expert layout comes from its adapter and matches its modules."""
+    from moeprune.arch.routing import expert_layout
+
+    model = tiny_cache(arch)
+    ad = get_adapter(model)
+    assert ad.layout == LAYOUT.get(arch, "fused")
+    for block in moe_blocks(model).values():
+        assert expert_layout(block, ad) == ad.layout
+
+
+def test_wrong_layout_is_a_clear_error(tiny_cache):
+    from dataclasses import replace
+
+    from moeprune.arch.routing import expert_layout
+
+    block = next(iter(moe_blocks(tiny_cache("mixtral")).values()))
+    with pytest.raises(UnsupportedModelError, match=r"MixtralExperts.*'dbrx' expert layout.*fix `layout`"):
+        expert_layout(block, replace(ADAPTERS["mixtral"], layout="dbrx"))
+    with pytest.raises(ValueError, match=r"layout 'moe' unknown"):
+        expert_layout(block, replace(ADAPTERS["mixtral"], layout="moe"))
+
+
+def test_observe_refuses_a_model_without_adapter(fresh_tiny):
+    """No guessing from source text or numbers: an unadapted MoE model is refused with the adapter error."""
+    from moeprune.observe.experts import build_banks
+
+    model = fresh_tiny("qwen3_moe")
+    model.config.model_type = "qwen3_moe_fork"
+    with pytest.raises(UnsupportedModelError, match=r"'qwen3_moe_fork' has no moeprune adapter.*Supported: "):
+        build_banks(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_router_meta_is_the_adapters_in_every_dtype(dtype, tiny_cache, caplog):
+    """bf16 gates wobble (their top-k sums are not constant to 1e-4), yet qwen3_moe is recorded as
+    renormalised: the recipe is the adapter's, and the observed weights agree with it within the dtype's
+    tolerance (no warning)."""
+    from moeprune.observe import observe
+
+    model = tiny_cache("qwen3_moe", dtype)
+    ids = torch.randint(3, 250, (4, 16), generator=torch.Generator().manual_seed(5))
+    with caplog.at_level("WARNING"):
+        st = observe(model, [ids], progress=False)
+    assert not [r for r in caplog.records if "router recipe" in r.getMessage()]
+    for r in st.meta["router"].values():
+        assert r["renormalize"] is True and r["scale"] == 1.0 and r["score"] == "softmax" and r["source"] == "adapter"
+
+
+def test_contradicting_adapter_warns_and_keeps_its_record(tiny_cache, caplog, monkeypatch):
+    """A consistency check, never a silent change: observed weights that contradict the adapter warn
+    (naming the layer and the difference) and the meta keeps the adapter's values."""
+    from dataclasses import replace
+
+    from moeprune.arch import adapters
+    from moeprune.observe import observe
+
+    monkeypatch.setitem(adapters.ADAPTERS, "qwen3_moe", replace(adapters.ADAPTERS["qwen3_moe"], renormalize=False))
+    with caplog.at_level("WARNING"):
+        st = observe(tiny_cache("qwen3_moe", torch.bfloat16), [torch.randint(3, 250, (2, 9))], progress=False)
+    msgs = [r.getMessage() for r in caplog.records if "router recipe" in r.getMessage()]
+    assert len(msgs) == len(st.moe_layers) and "renormalize=False" in msgs[0] and "MoE layer 1" in msgs[0]
+    assert all(r["renormalize"] is False for r in st.meta["router"].values())
+
+
+def test_weight_tolerance_by_dtype():
+    from moeprune.arch.routing import weight_tolerance
+
+    assert weight_tolerance(torch.bfloat16) == 4 * 2.0 ** -7 and weight_tolerance(torch.float16) == 4 * 2.0 ** -10
+    assert weight_tolerance(torch.float32) == 1e-5 and weight_tolerance(torch.float64) == 1e-5

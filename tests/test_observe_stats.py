@@ -323,3 +323,128 @@ def test_selection_bias_is_the_routers_correction_bias(tiny_cache):
     model = tiny_cache("qwen3_moe")  # no selection bias: zeros
     st = observe(model, [torch.randint(3, 250, (1, 8))], features=("routed", "reconstruction"), progress=False)
     assert all(float(st[li]["selection_bias"].abs().sum()) == 0 for li in st.moe_layers)
+
+
+# ------------------------------------------------------------------------------------------- bf16
+CORE = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe")
+
+
+def own_slots(arch, impl, ex, x, idx):
+    """``[T, k, H]``: each slot's un-gated output as the model's implementation computes it in its dtype
+    (same kernels on the same rows in the same order: eager per expert in (top-k position, token) order,
+    grouped_mm on the rows sorted by expert), re-derived from the fused weights."""
+    t, k = idx.shape
+    out = x.new_empty(t * k, x.shape[-1])
+    if impl == "eager":
+        for e in idx.unique().tolist():
+            pos, tok = torch.where(idx.T == e)
+            rows = x[tok]
+            if arch == "gpt_oss":
+                y = ex._apply_gate(rows @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]) @ ex.down_proj[e]
+                y = y + ex.down_proj_bias[e]
+            else:
+                g, u = F.linear(rows, ex.gate_up_proj[e]).chunk(2, dim=-1)
+                y = F.linear(ex.act_fn(g) * u, ex.down_proj[e])
+            out[tok * k + pos] = y
+        return out.view(t, k, -1)
+    ids, perm = torch.sort(idx.reshape(-1))
+    offs = torch.cumsum(torch.bincount(ids, minlength=ex.num_experts), 0, dtype=torch.int32)
+    rows = x[perm // k]
+    if arch == "gpt_oss":  # transposed weights, per-row biases
+        h = ex._apply_gate(F.grouped_mm(rows, ex.gate_up_proj, offs=offs) + ex.gate_up_proj_bias[ids])
+        y = F.grouped_mm(h, ex.down_proj, offs=offs) + ex.down_proj_bias[ids]
+    else:
+        g, u = F.grouped_mm(rows, ex.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = F.grouped_mm(ex.act_fn(g) * u, ex.down_proj.transpose(-2, -1), offs=offs)
+    out[perm] = y
+    return out.view(t, k, -1)
+
+
+def hooked_calls(model, batch):
+    """Per MoE layer, from plain hooks: router logits, experts call (x, idx, w) and output, residual h."""
+    got, hooks = {}, []
+    for li, name, blk in iter_moe_blocks(model):
+        d = got.setdefault(li, {})
+        layer = model.get_submodule(name.rpartition(".")[0])
+        hooks += [get_router(blk).register_forward_hook(lambda m, a, o, d=d: d.__setitem__("z", o[0])),
+                  get_experts(blk).register_forward_hook(lambda m, a, o, d=d: d.update(call=a, y=o)),
+                  layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a, d=d: d.__setitem__("h", a[0]))]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def oracle_stats(arch, impl, model, batches):
+    """routed / direction / transitions statistics in float64 from per-slot tensors the model computed."""
+    blocks = {li: blk for li, _, blk in iter_moe_blocks(model)}
+    ref = {li: {n: torch.zeros(num_experts_of(b), dtype=torch.float64) for n in
+                ("count", "gate_sum", "norm_sum", "norm_sq_sum", "gate_norm_sum", "gate_norm_sq_sum", "max_act",
+                 "prob_sum", "gate_norm_dir_sum", "easyep_sum")} for li, b in blocks.items()}
+    layers = sorted(blocks)
+    for li in layers[:-1]:
+        ref[li]["transition"] = torch.zeros(8, 8, dtype=torch.float64)
+    for batch in batches:
+        calls, valid = hooked_calls(model, batch), batch["attention_mask"].reshape(-1).bool()
+        for li in layers:
+            c, s = calls[li], ref[li]
+            x, idx, w = (c["call"][0].reshape(-1, 64), c["call"][1], c["call"][2].double())
+            f = own_slots(arch, impl, get_experts(blocks[li]), x, idx).double()  # [T, k, H]
+            xd, h = x.double(), c["h"].reshape(-1, 64).double()
+            hr = h + c["y"].reshape(-1, 64).double()
+            z = c["z"].reshape(-1, c["z"].shape[-1]).double()
+            p = z.sigmoid() if arch == "deepseek_v3" else z.softmax(-1)
+            vt = torch.nonzero(valid).reshape(-1)
+            s["prob_sum"] += p[vt].sum(0)
+            ids, g, fv = idx[vt].reshape(-1), w[vt].reshape(-1), f[vt].reshape(-1, 64)  # valid slots
+            xs, hs, hrs = (t[vt].repeat_interleave(idx.shape[1], 0) for t in (xd, h, hr))
+            n = fv.norm(dim=-1)
+            cos_x = (fv * xs).sum(-1) / (n * xs.norm(dim=-1))
+            cos_h = (hs * hrs).sum(-1) / (hs.norm(dim=-1) * hrs.norm(dim=-1))
+            for name, v in (("count", torch.ones_like(g)), ("gate_sum", g), ("norm_sum", n), ("norm_sq_sum", n * n),
+                            ("gate_norm_sum", g * n), ("gate_norm_sq_sum", (g * n) ** 2),
+                            ("gate_norm_dir_sum", g * n * (1 - cos_x)), ("easyep_sum", g * n * (1 - cos_h).clamp(min=0))):
+                s[name].index_add_(0, ids, v)
+            s["max_act"].scatter_reduce_(0, ids, fv.abs().amax(-1), "amax")
+            if li != layers[-1]:
+                nxt = calls[layers[layers.index(li) + 1]]["call"][1][vt]
+                for i, j in itertools.product(range(idx.shape[1]), range(nxt.shape[1])):
+                    s["transition"].index_put_((idx[vt][:, i], nxt[:, j]), torch.ones(vt.numel(), dtype=torch.float64),
+                                               accumulate=True)
+    return ref
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("arch", CORE)
+def test_bf16_statistics_are_float64_statistics_of_the_bf16_forward(arch, impl, fresh_tiny):
+    """bf16 model: observe's statistics equal float64 statistics of the per-slot values the bf16 forward
+    really computed (captured by plain hooks and re-derived with the implementation's own kernels).
+    Counts and transitions exact; the rest rtol 1e-5: observe takes per-slot norms, cosines and router
+    probabilities in float32 (relative error ~1e-7 x small H), sums in float64 like the oracle."""
+    model = fresh_tiny(arch, torch.bfloat16)
+    model.set_experts_implementation(impl)
+    batches = _batches(arch)
+    stats = observe(model, batches, features=("routed", "direction", "transitions"), progress=False)
+    ref = oracle_stats(arch, impl, model, batches)
+    for li, d in ref.items():
+        assert torch.equal(stats[li]["count"], d["count"]), f"{arch} L{li} counts"
+        for name, want in d.items():
+            torch.testing.assert_close(stats[li][name], want, rtol=1e-5, atol=1e-6, msg=f"{arch} L{li} {name}")
+    r = stats.meta["router"][str(stats.moe_layers[0])]  # the adapter's recipe, not a bf16-noisy numeric guess
+    assert r["renormalize"] == (arch not in ("qwen2_moe", "olmoe")) and r["scale"] == pytest.approx(SCALE.get(arch, 1.0))
+    assert r["source"] == "adapter"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_capture_paths_agree_bitwise(dtype, tiny_cache):
+    """The fast capture path and the hooks path give identical statistics in half precision (the forward
+    is bitwise the plain one, so routing and per-slot values cannot drift)."""
+    model = tiny_cache("qwen3_moe", dtype)
+    batches = _batches("qwen3_moe")
+    feats = ("routed", "direction", "transitions", "reconstruction")
+    fast = observe(model, batches, features=feats, progress=False, recon_tokens=RECON)
+    hooks = observe(model, batches, features=feats, progress=False, recon_tokens=RECON, implementation="hooks")
+    for li in fast.moe_layers:
+        for name, t in fast[li].items():
+            assert torch.equal(t, hooks[li][name]), f"L{li} {name}"

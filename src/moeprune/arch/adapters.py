@@ -44,6 +44,7 @@ class Adapter:
     zero_experts: str | None = None       # config key of identity ("zero-compute") experts
     scale_on_output: bool = False         # scale multiplies the summed routed output, not the weights
     exact: bool = True                    # router_info reproduces the applied weights exactly
+    layout: str = "fused"                 # expert storage (arch/routing.py LAYOUTS): fused|longcat|dbrx|llama4|jetmoe
     info: Callable[[nn.Module], dict[str, Any]] | None = field(default=None, compare=False)
     notes: str = ""
 
@@ -94,16 +95,17 @@ _LIST = [
              "interleaved transposed gate_up with biases; hub weights are MXFP4"),
     _mixtral("granitemoe", block="block_sparse_moe"),
     _mixtral("granitemoeshared", block="block_sparse_moe", notes="shared_mlp lives in the decoder layer"),
-    _mixtral("jetmoe", notes="num_local_experts/num_experts_per_tok also size the MoA attention experts, so "
+    _mixtral("jetmoe", layout="jetmoe", notes="num_local_experts/num_experts_per_tok also size the MoA attention experts, so "
              "even uniform expert pruning needs config.moe_pruning; the MoE adds mlp.bias after combining"),
     _mixtral("minimax_m2", score="sigmoid", selection_bias=True),
     _mixtral("minimax_m3_vl_text", score="sigmoid", selection_bias=True, scale="routed_scaling_factor",
              scale_on_output=True),
     _mixtral("llama4_text", block="feed_forward", score="sigmoid", renormalize=False, intermediate_shared=True,
+             layout="llama4",
              notes="the sigmoid gate multiplies the expert INPUT; every expert computes every token; "
              "intermediate_size also sizes the shared expert"),
     Adapter("dbrx", "ffn_config.moe_num_experts", "ffn_config.moe_top_k", "ffn_config.ffn_hidden_size",
-            block="ffn", norm="norm_attn_norm.norm_2", info=_dbrx_info,
+            block="ffn", norm="norm_attn_norm.norm_2", info=_dbrx_info, layout="dbrx",
             notes="2-D [E*I, H] expert tensors; weights divided by their p-norm (p=1: renorm)"),
     Adapter("ernie4_5_moe", "moe_num_experts", "moe_k", "moe_intermediate_size", intermediate_shared=True,
             selection_bias=True, notes="selection bias in gate.moe_statics [1, E]; renorm clamps at moe_norm_min"),
@@ -126,6 +128,7 @@ _LIST = [
     _dsv3("beam", num="num_experts", shared=False, norm="pre_feedforward_layernorm", scale_on_output=True),
     Adapter("longcat_flash", "n_routed_experts", "moe_topk", "expert_ffn_hidden_size", norm="post_attention_layernorm.0",
             renormalize=False, scale="routed_scaling_factor", selection_bias=True, zero_experts="zero_expert_num",
+            layout="longcat",
             notes="identity experts after the real ones are never pruned; 2 sub-layers per layer"),
     Adapter("afmoe", "num_experts", "num_experts_per_tok", "moe_intermediate_size", norm="pre_mlp_layernorm",
             score="sigmoid", scale="route_scale", intermediate_shared=True, selection_bias=True),

@@ -9,15 +9,18 @@ before the block. ``T = batch * seq``; padding tokens are flagged by ``record.va
 How per-slot outputs are obtained without doubling the expert FLOPs:
 
 * classes decorated with ``@use_experts_implementation`` are switched to the registered experts
-  implementation ``"moeprune_capture"`` for the duration of the context: it computes each (token, slot)
-  output ONCE and returns the gate-weighted sum itself. On CPU (or when intermediates are requested) the
-  slots are sorted by expert and each expert runs once on its rows (faster than eager and per-slot
-  grouped_mm there); on accelerators the model's own kernel (e.g. grouped_mm) runs on (token, slot) rows.
-  Model outputs then equal the original to fp32 round-off (not bit-identical: summation order differs).
-  The original implementation is restored on exit.
+  implementation ``"moeprune_capture"`` for the duration of the context: it runs the model's OWN
+  implementation (the one the config selected: ``grouped_mm`` by default in transformers 5.x, also on
+  CPU; ``eager``; ``batched_mm``) once on (token, slot) rows with weight 1, which gives bitwise the
+  per-slot outputs the real call computes, then replays that implementation's weighting and summation in
+  the model dtype (``observe/native.py``). Model outputs are BITWISE those of a plain forward, in every
+  dtype. The replay is checked bitwise against the real call on a block's first call; where it differs
+  the block falls back to the hooks path (logged once, in ``fallbacks``). The implementation is restored
+  on exit.
 * other classes (DBRX, LongCat, or ``implementation="hooks"``) use a pre-hook on ``experts`` that binds the
   forward signature and a post-hook that recomputes the per-slot outputs on the side (bit-identical model
-  outputs, twice the expert FLOPs).
+  outputs, twice the expert FLOPs); decorated classes recompute them with their own implementation
+  (exact values), DBRX and LongCat with ``ExpertBank`` maths (equal to fp32 round-off).
 * Llama4 (dense experts, the sigmoid gate multiplies the expert INPUT) reads the dense expert output with a
   hook: ``f = expert(s * x)`` is what the block adds, so records carry that ``f`` and a gate of exactly 1.
 * JetMoE (no experts module) reads the sorted un-gated outputs from a hook on ``output_linear``.
@@ -27,6 +30,7 @@ All hooks are removed and implementations restored on exit, also when the forwar
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeprune.observe import native
 from moeprune.observe.experts import ExpertBank, build_banks, model_adapter
 from moeprune.observe.record import MoERecord, work_dtype
 
+log = logging.getLogger(__name__)
 IMPL_NAME = "moeprune_capture"
-NATIVE_ON_CPU = False  # use the model's own kernel for per-slot outputs on CPU too (tests of the accelerator path)
 _ACTIVE: dict[int, tuple[MoECapture, ExpertBank]] = {}  # id(experts module) -> owner while capturing
 
 
@@ -81,10 +86,6 @@ class _Batch:
     index: int
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return "norm" in type(m).__name__.lower() and not any(True for _ in m.children())
-
-
 class MoECapture:
     """Context manager instrumenting every MoE block of ``model``; see the module docstring.
 
@@ -113,8 +114,9 @@ class MoECapture:
         self._logits: dict[int, torch.Tensor] = {}
         self._pending: dict[int, Any] = {}
         self._x: dict[int, torch.Tensor] = {}
-        self._norm_io: dict[int, dict[str, tuple]] = defaultdict(dict)
         self._resid: dict[int, torch.Tensor | str] = {}
+        self._verified: set[int] = set()
+        self.fallbacks: dict[str, str] = {}  # block name -> why it runs the hooks path (logged once)
 
     # ---------------------------------------------------------------- batch bookkeeping
     def set_batch(self, attention_mask: torch.Tensor | None = None, shape: tuple[int, int] | None = None,
@@ -180,7 +182,7 @@ class MoECapture:
         for i in self._active_ids:
             _ACTIVE.pop(i, None)
         self._active_ids.clear()
-        for d in (self._logits, self._pending, self._x, self._norm_io, self._resid):
+        for d in (self._logits, self._pending, self._x, self._resid):
             d.clear()
         return False
 
@@ -213,46 +215,22 @@ class MoECapture:
 
     def _install_residual(self, bank: ExpertBank) -> None:
         """h_t = the input of the norm that feeds the block: the adapter's ``norm`` (None: post-norm layer,
-        the block reads the residual itself); without an adapter, the norm of the decoder layer whose
-        output IS the block input (matched at run time)."""
+        the block reads the residual itself)."""
         li = bank.layer
-        parent_name, _, child = bank.name.rpartition(".")
-        parent = self.model.get_submodule(parent_name)
+        parent = self.model.get_submodule(bank.name.rpartition(".")[0])
         adapter = model_adapter(self.model)
-        if adapter is not None:
-            layer = bank.block if adapter.block == "" else parent
-            if adapter.norm is not None:
-                try:
-                    norm = layer.get_submodule(adapter.norm)
-                except AttributeError:
-                    raise ValueError(f"adapter of {adapter.model_type!r} names norm {adapter.norm!r}, absent from "
-                                     f"{type(layer).__name__} ({bank.name}); fix arch/adapters.py") from None
-                self._handles.append(norm.register_forward_pre_hook(
-                    lambda mod, args: self._resid.__setitem__(li, args[0].reshape(-1, args[0].shape[-1]))))
-            else:
-                self._handles.append(bank.block.register_forward_pre_hook(self._store_resid_from_input(li),
-                                                                          with_kwargs=True))
+        layer = bank.block if adapter.block == "" else parent
+        if adapter.norm is None:
+            self._handles.append(bank.block.register_forward_pre_hook(self._store_resid_from_input(li),
+                                                                      with_kwargs=True))
             return
-        post_norm = any(("post_feedforward" in n or "post_mlp" in n) for n, _ in parent.named_children())
-        for n, m in parent.named_modules():
-            if n and n != child and not n.startswith(child + ".") and _is_norm(m):
-                self._handles.append(m.register_forward_hook(
-                    lambda mod, args, out, n=n: self._norm_io[li].__setitem__(n, (args[0], out))))
-
-        def pre(mod, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            found = None
-            for inp, out in self._norm_io[li].values():
-                if out is x or (out.data_ptr() == x.data_ptr() and out.shape == x.shape):
-                    found = inp
-            if found is None and post_norm:
-                found = x  # post-norm layout (OLMo2-like): the residual stream enters the block directly
-            self._resid[li] = found.reshape(-1, found.shape[-1]) if found is not None else (
-                f"no norm in {parent_name or type(self.model).__name__} produced the input of MoE block "
-                f"{bank.name}, so the residual stream before it is unknown; the direction feature (EASY-EP) "
-                "needs it: add an adapter with its `norm` in arch/adapters.py")
-            self._norm_io[li].clear()
-        self._handles.append(bank.block.register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            norm = layer.get_submodule(adapter.norm)
+        except AttributeError:
+            raise ValueError(f"adapter of {adapter.model_type!r} names norm {adapter.norm!r}, absent from "
+                             f"{type(layer).__name__} ({bank.name}); fix arch/adapters.py") from None
+        self._handles.append(norm.register_forward_pre_hook(
+            lambda mod, args: self._resid.__setitem__(li, args[0].reshape(-1, args[0].shape[-1]))))
 
     def _store_resid_from_input(self, li: int):
         def pre(mod, args, kwargs):
@@ -290,6 +268,9 @@ class MoECapture:
         def post(mod, args, out):
             h, idx, w = self._pending.pop(bank.layer)
             x = h.reshape(-1, h.shape[-1])
+            if bank.decorated:  # the model's own implementation gives the exact per-slot values
+                self._emit_native(bank, mod, mod.config._experts_implementation, x, idx, w, out)
+                return
             with torch.no_grad():
                 order, f, inter, src = bank.sorted_slots(x, idx, self.intermediates)
             self._emit(bank, x, idx, w, f, inter, slot_pos=order, slot_x=src)
@@ -325,24 +306,45 @@ class MoECapture:
 
     def _run_experts(self, bank: ExpertBank, mod: nn.Module, hidden: torch.Tensor, idx: torch.Tensor,
                      w: torch.Tensor) -> torch.Tensor:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        """The registered implementation: per-slot outputs once, then the model's own combine (bitwise the
+        plain forward; checked on the block's first call, else the block falls back to the hooks path)."""
         x = hidden.reshape(-1, hidden.shape[-1])
-        t, k = idx.shape
-        orig = self._orig_impl.get(bank.layer)
-        if (self.intermediates or (x.device.type == "cpu" and not NATIVE_ON_CPU) or orig in (None, "eager", IMPL_NAME)
-                or orig not in ALL_EXPERTS_FUNCTIONS):  # CPU: the sorted loop beats per-slot grouped_mm
-            order, f, inter, src = bank.sorted_slots(x, idx, self.intermediates)
-            dt = work_dtype(f.dtype, w.dtype)
-            wf = w.reshape(-1)[order].to(dt)
-            routed = torch.zeros(t, f.shape[1], dtype=dt, device=f.device).index_add_(0, order // k, f.to(dt) * wf[:, None])
-            self._emit(bank, x, idx, w, f, inter, slot_pos=order, slot_x=src, routed=routed)
-        else:  # accelerators: the model's own kernel (grouped_mm, ...), each (token, slot) a row with weight 1
-            ones = torch.ones(t * k, 1, dtype=w.dtype, device=w.device)
-            f = ALL_EXPERTS_FUNCTIONS[orig](mod, x.repeat_interleave(k, 0), idx.reshape(-1, 1), ones)
-            dt = work_dtype(f.dtype, w.dtype)
-            routed = (f.view(t, k, -1).to(dt) * w.to(dt).unsqueeze(-1)).sum(1)
-            self._emit(bank, x, idx, w, f, None, routed=routed)
-        return routed.to(hidden.dtype).view(hidden.shape)
+        impl = self._orig_impl.get(bank.layer)
+        if bank.name in self.fallbacks:
+            out = native.own_function(mod, impl)(mod, hidden, idx, w)
+            self._emit_native(bank, mod, impl, x, idx, w, out)
+            return out
+        f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
+        out = native.combine(impl, f, idx, w, hidden.dtype)
+        if bank.layer not in self._verified:
+            self._verified.add(bank.layer)
+            with torch.no_grad():
+                real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(out.shape)
+            if not torch.equal(real, out):
+                self.fallbacks[bank.name] = (f"replaying experts implementation {impl or 'eager'!r} in {x.dtype} "
+                                             "differs from the model's own call")
+                log.warning("observe: MoE block %s: %s; this block uses the hooks path (model output from the "
+                            "model's own call, per-slot outputs recomputed: twice the expert FLOPs)",
+                            bank.name, self.fallbacks[bank.name])
+                out = real
+        self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
+                   routed=out.to(work_dtype(out.dtype, w.dtype)))
+        return out.view(hidden.shape)
+
+    def _emit_native(self, bank: ExpertBank, mod: nn.Module, impl: str | None, x, idx, w, out) -> None:
+        """Hooks path of a decorated class: ``out`` is the model's own output; per-slot values from ``impl``."""
+        f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
+        self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
+                   routed=out.reshape(x.shape[0], -1).to(work_dtype(out.dtype, w.dtype)))
+
+    def _inter(self, bank: ExpertBank, x, idx, pos) -> torch.Tensor | None:
+        """``[S, I]`` intermediates in the slot layout ``pos`` (None: token-major), recomputed by ``ExpertBank``
+        (the implementations do not expose them; equal to the model's to fp32 round-off)."""
+        if not self.intermediates:
+            return None
+        with torch.no_grad():
+            inter = bank.slots(x, idx, True)[1].reshape(idx.numel(), -1)  # token-major
+        return inter if pos is None else inter[pos]
 
     def _emit(self, bank: ExpertBank, x, idx, w, f, inter, *, slot_pos=None, slot_x=None, routed=None) -> None:
         """``f [S, H]`` / ``inter [S, I]``: per-slot outputs in the order ``slot_pos`` (None: token-major)."""
@@ -356,7 +358,7 @@ class MoECapture:
             if not isinstance(resid, torch.Tensor):
                 raise ValueError(resid or f"residual stream of MoE layer {li} was not captured")
         b = self._batch_for(bank, x.shape[0], x.device)
-        bank.decide_routing(w)
+        bank.check_routing(logits, idx, w)
         rec = MoERecord(li, bank, logits, idx, w, x, b.valid, b.rows, b.num_rows, b.index, slot_out=f,
                         slot_pos=slot_pos, slot_inter=inter, slot_x=slot_x, routed=routed, residual=resid)
         with torch.no_grad():

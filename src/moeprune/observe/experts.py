@@ -5,18 +5,20 @@ intermediate activation ``act(gate) * up``) directly from the fused weights: ``@
 classes via their layout flags (``is_transposed``, ``has_gate``, ``has_bias``, ``_apply_gate``,
 ``has_post_expert_norm``), plus the fixed layouts of DBRX (2-D ``[E*I, H]``), LongCat (identity zero
 experts after the real ones), Llama4 (transposed, gate on the input) and JetMoE (``input_linear`` /
-``output_linear``). Router maths (full probabilities, renormalisation, scale) lives here too.
+``output_linear``). Router maths (full probabilities, renormalisation, scale) lives here too; which layout
+and which router recipe a block has is architecture data (``arch/adapters.py``, ``arch/routing.py``).
 """
 from __future__ import annotations
 
-import functools
-import inspect
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeprune.arch.adapters import Adapter, get_adapter
+from moeprune.arch.routing import expert_layout, routing_mismatch, routing_of
 from moeprune.arch.structure import (
     current_top_k,
     get_experts,
@@ -28,60 +30,16 @@ from moeprune.arch.structure import (
     router_weight,
 )
 
-SCALE_ATTRS = ("routed_scaling_factor", "route_scale", "routed_scale", "moe_routed_scaling_factor")
-
-
-def _source(obj: Any, drop: str | None = None) -> str:
-    try:
-        src = inspect.getsource(obj)
-    except (OSError, TypeError):
-        return ""
-    return "\n".join(ln for ln in src.splitlines() if not (drop and drop in ln))
-
-
-def router_score_kind(block: nn.Module) -> str:
-    """``softmax`` / ``sigmoid`` scoring of router logits, or ``probs`` when the router returns
-    probabilities (Gemma4). Read from the router's source first: block sources mention the sigmoid of
-    shared-expert gates (Qwen2-MoE), hence lines mentioning ``shared`` are ignored there."""
-    return _score_of(type(get_router(block)), type(block))
-
-
-@functools.cache
-def _score_of(router_cls: type, block_cls: type) -> str:
-    if router_cls.__name__.startswith(("Gemma4", "DiffusionGemma")):
-        return "probs"
-    for src in (_source(router_cls), _source(block_cls, drop="shared")):
-        if "sigmoid" in src:
-            return "sigmoid"
-        if "softmax" in src:
-            return "softmax"
-    return "softmax"
-
-
-def _kind(block: nn.Module) -> str:
-    ex = get_experts(block)
-    name = type(ex).__name__
-    if ex is block:
-        return "jetmoe"
-    if name.startswith("Llama4"):
-        return "llama4"
-    if name.startswith("Dbrx"):
-        return "dbrx"
-    if hasattr(ex, "num_routed_experts"):
-        return "longcat"
-    if hasattr(ex, "gate_up_proj") or hasattr(ex, "up_proj"):
-        return "fused"
-    raise NotImplementedError(f"observe does not know the expert layout of {name}; supported: fused 3-D "
-                              "experts (@use_experts_implementation), DBRX, LongCat, Llama4, JetMoE")
+log = logging.getLogger(__name__)
 
 
 class ExpertBank:
     """The per-expert maths of one MoE block: ``f_j(x)``, intermediates, down matrices, probabilities."""
 
-    def __init__(self, layer: int, name: str, block: nn.Module, score: str | None = None):
+    def __init__(self, layer: int, name: str, block: nn.Module, adapter: Adapter, config: Any = None):
         self.layer, self.name, self.block = layer, name, block
         self.experts, self.router = get_experts(block), get_router(block)
-        self.kind = _kind(block)
+        self.kind = expert_layout(block, adapter)
         self.num_experts = num_experts_of(block)
         w = router_weight(self.router)
         self.router_width, self.hidden_size = int(w.shape[0]), int(w.shape[1])
@@ -91,15 +49,17 @@ class ExpertBank:
             self.intermediate_size: int | None = intermediate_size_of(block)
         except NotImplementedError:
             self.intermediate_size = None
-        self.score = score or router_score_kind(block)
-        self.gate_on_input = self.kind == "llama4"
+        # renormalisation / scale / score: the adapter's recipe (observed weights only check it)
+        self.routing: dict[str, Any] = routing_of(block, adapter, config)
+        self.score: str = self.routing["score"]
+        self.gate_on_input: bool = self.routing["gate_on_input"]
+        self.routing_checked = False
         ex = self.experts
         self.decorated = self.kind == "fused" and hasattr(ex, "has_gate") and hasattr(type(ex).forward, "__wrapped__")
         self.has_gate = getattr(ex, "has_gate", True)
         self.has_bias = getattr(ex, "has_bias", False)
         self.transposed = getattr(ex, "is_transposed", False)
         self.post_norm = getattr(ex, "has_post_expert_norm", False)
-        self.routing: dict[str, Any] | None = None  # decided from the first observed call (see _decide_routing)
         self._col_norm: torch.Tensor | None = None
 
     # ---- one expert on rows x [n, H]
@@ -237,57 +197,37 @@ class ExpertBank:
         ones = logits.new_ones(logits.shape[0], n, dtype=torch.float32)
         if self.gate_on_input:
             return ones
-        r = self.routing or {"renormalize": True, "scale": 1.0}
+        r = self.routing
         if r["renormalize"] or self.score != "sigmoid":  # a softmax over one surviving logit is 1
             return ones * float(r["scale"])
         return torch.sigmoid(logits[:, :n].float()) * float(r["scale"])
 
-    def scale_attr(self) -> float:
-        for m in (self.router, self.block):
-            for a in SCALE_ATTRS:
-                v = getattr(m, a, None)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    return float(v)
-        return 1.0
-
-    def decide_routing(self, weights: torch.Tensor) -> None:
-        """Renormalisation and scale of the top-k weights, read from an observed call: weights that sum
-        to the same value on every token are renormalised (times that scale)."""
-        if self.routing is not None and self.routing["source"] == "observed":
+    def check_routing(self, logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        """Once per bank: warn (never change ``routing``) when the observed weights contradict the adapter."""
+        if self.routing_checked:
             return
-        if self.gate_on_input:
-            self.routing = {"renormalize": False, "scale": 1.0, "source": "observed"}
-            return
-        if weights.shape[0] < 2:
-            norm = getattr(self.router, "norm_topk_prob", getattr(self.block, "norm_topk_prob", True))
-            self.routing = {"renormalize": bool(norm), "scale": self.scale_attr(), "source": "config"}
-            return
-        s = weights.float().sum(-1)
-        const = bool((s.max() - s.min()) <= 1e-4 * s.abs().max().clamp_min(1e-12))
-        scale = round(float(s.mean()), 6) if const else self.scale_attr()
-        self.routing = {"renormalize": const, "scale": scale, "source": "observed"}
+        self.routing_checked = True
+        msg = routing_mismatch(self.routing, logits.reshape(-1, logits.shape[-1]), idx, weights)
+        if msg is not None:
+            log.warning("MoE layer %d (%s): %s", self.layer, self.name, msg)
 
 
-def model_adapter(model: nn.Module):
-    """The ``arch.adapters`` record of ``model``, or None (no adapter: generic discovery only)."""
-    try:
-        from moeprune.arch.adapters import get_adapter
-        return get_adapter(model)
-    except Exception:  # noqa: BLE001  (no adapter module / unsupported or config-less model)
-        return None
+def model_adapter(model: nn.Module) -> Adapter:
+    """The ``arch.adapters`` record of ``model``; ``UnsupportedModelError`` (naming the supported families)
+    for a model without one: observe never works from guesses."""
+    return get_adapter(model)
 
 
 def build_banks(model: nn.Module, layers=None) -> dict[int, ExpertBank]:
-    """``{layer: ExpertBank}`` for every MoE block (or only ``layers``); the router score kind comes
-    from the model's adapter when there is one, else from the router's source."""
+    """``{layer: ExpertBank}`` for every MoE block (or only ``layers``); layouts and router recipes come
+    from the model's adapter (``UnsupportedModelError`` without one)."""
     adapter = model_adapter(model)
-    score = adapter.score if adapter is not None else None
     found = [(li, name, blk) for li, name, blk in iter_moe_blocks(model) if layers is None or li in layers]
     ids = [li for li, _, _ in found]
     if len(set(ids)) != len(ids):
         raise NotImplementedError(f"MoE blocks of {type(model).__name__} share layer ids {ids} (several MoE stacks, "
                                   "e.g. a vision and a text tower); observe the text model alone")
-    banks = {li: ExpertBank(li, name, blk, score) for li, name, blk in found}
+    banks = {li: ExpertBank(li, name, blk, adapter, getattr(model, "config", None)) for li, name, blk in found}
     if not banks:
         raise ValueError(f"{type(model).__name__} has no MoE block (a module with `experts` and `gate`/"
                          "`router` children); nothing to observe")

@@ -178,10 +178,9 @@ def build_meta(model: nn.Module, obs: Observer, data: Mapping[str, Any] | None =
     first = next(iter(banks.values()))
     ex_param = next(iter(first.experts.parameters()), None)
 
-    def router(b: ExpertBank) -> dict[str, Any]:
-        r = b.routing or {"renormalize": True, "scale": b.scale_attr(), "source": "config"}
-        return {"score": b.score, "renormalize": bool(r["renormalize"]), "scale": float(r["scale"]),
-                "gate_on_input": b.gate_on_input, "router_width": b.router_width, "source": r["source"]}
+    def router(b: ExpertBank) -> dict[str, Any]:  # the adapter's recipe (arch/routing.py), never a numeric guess
+        r = b.routing
+        return {**r, "renormalize": bool(r["renormalize"]), "scale": float(r["scale"]), "router_width": b.router_width}
 
     return {
         "model_type": getattr(text, "model_type", None) or getattr(cfg, "model_type", None),

@@ -91,7 +91,7 @@ class ExpertStats:
     intermediate_size {layer}, hidden_size, n_group {layer: [n_group, topk_group]},
     router {layer: {"score": softmax|sigmoid|probs, "renormalize": bool, "scale": float, "gate_on_input": bool
     (Llama4: g = 1 and f = expert(s * x)), "router_width": E + zero experts (LongCat; width of recon_logits),
-    "source": observed|config}},
+    "output_scale": float (factor on the summed routed output), "exact": bool, "source": "adapter"}},
     norm_topk_prob (the model config's flag, False when absent: REAP's reference gate renormalises iff set),
     expert_params {layer: parameters per expert}, other_params (all non-routed-expert parameters),
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
