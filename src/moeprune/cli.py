@@ -9,7 +9,7 @@ import os
 import sys
 
 EPILOG = """examples:
-  moeprune demo out/demo                                   # tiny model, built-in data, REAP 50%
+  moeprune demo out/demo                                   # trained toy MoE, 4 methods + random, 25/50%
   moeprune run recipe.yaml out/run --set target.expert_sparsity=0.25
   moeprune observe --model Qwen/Qwen3-30B-A3B --data calib.jsonl --features routed --out out/stats
   torchrun --nproc-per-node 8 -m moeprune.cli observe ...  # data-parallel: rank 0 saves merged stats
@@ -46,6 +46,13 @@ def cmd_run(a) -> None:
         print(f"perplexity: original {orig['ppl']:.3f} -> pruned {pr.get('ppl', float('nan')):.3f}; "
               f"KL {pr.get('kl', float('nan')):.4f}")
     print(f"outputs in {res.output_dir}")
+
+
+def cmd_demo(a) -> None:
+    from moeprune.demo import run_demo
+
+    res = run_demo(a.out, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"demo finished in {res['seconds']:.0f} s; report: {res['report']}")
 
 
 def cmd_observe(a) -> None:
@@ -208,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("demo", help="the built-in default: a tiny MoE pruned with REAP on built-in text")
+    s = sub.add_parser("demo", help="a small trained MoE pruned by several methods at 25 %% and 50 %%: report")
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_run, config=None, set=["calibration.num_samples=64", "calibration.seq_len=256"])
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("observe", help="collect calibration statistics")
     model_args(s)
