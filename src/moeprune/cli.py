@@ -51,6 +51,9 @@ def cmd_run(a) -> None:
 def cmd_demo(a) -> None:
     from moeprune.demo import run_demo
 
+    import torch
+
+    torch.set_num_threads(a.threads)  # 1 by default: the toy model is too small to gain from threads
     res = run_demo(a.out, overwrite=a.overwrite, progress=not a.quiet)
     print(f"demo finished in {res['seconds']:.0f} s; report: {res['report']}")
 
@@ -219,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran ~70x slower)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("observe", help="collect calibration statistics")
