@@ -49,9 +49,9 @@ def cmd_run(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from moeprune.demo import run_demo
-
     import torch
+
+    from moeprune.demo import run_demo
 
     torch.set_num_threads(a.threads)  # 1 by default: the toy model is too small to gain from threads
     res = run_demo(a.out, overwrite=a.overwrite, progress=not a.quiet)

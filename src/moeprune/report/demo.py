@@ -46,7 +46,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike) -> str:
     by, base = _series(rows)
     methods = [m for m in by if m != "random"]
     with matplotlib.rc_context(FONT):
-        fig = Figure(figsize=(10.5, 4.0))
+        fig = Figure(figsize=(11.5, 4.0))
         axes = fig.subplots(1, 2)
         for ax, (metric, label) in zip(axes, METRICS):
             if "random" in by:
@@ -64,7 +64,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike) -> str:
                         label=m)
             ax.axhline(base[metric], color=UNPRUNED_COLOR, ls="--", lw=1,
                        label=f"unpruned ({base['ppl']:.1f} ppl)")
-            ax.set_xlabel("routed-expert parameters removed (%)")
+            ax.set_xlabel("routed-expert parameters removed, planned (%)")
             ax.set_ylabel(label)
             ax.set_xticks([100 * x for x in [0.0] + sorted({s for m in by for s in by[m]})])
             ax.xaxis.set_major_formatter(FuncFormatter(_plain))
@@ -72,8 +72,8 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike) -> str:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.80, 0.5), frameon=False)
-        fig.tight_layout(rect=(0, 0, 0.80, 1))
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.77, 0.5), frameon=False)
+        fig.tight_layout(rect=(0, 0, 0.77, 1))
         return _save(fig, path)
 
 
@@ -179,6 +179,11 @@ def write_demo_report(out_dir: str | os.PathLike, rows: list[dict[str, Any]], pl
         "",
         ("Memory is that of all weights after `apply` (the saved part is the removed experts and channels; "
         f"tensors stored in {info['dtype']}). Plans: `plans/*.json`; raw numbers: `results.jsonl`."),
+        "",
+        ("Neuron pruning (tenp) keeps its most important experts at full width and narrows the others. "
+         "transformers stores a layer's experts as one fused `[E, I, H]` tensor with a single width, so "
+         "narrowed experts are zero-padded to the widest one: `apply` saves memory only in layers with no "
+         "full-width expert, and its 'params removed' is the planned count, not the stored one."),
         "",
         f"## Perplexity per held-out domain at {top:.0%}",
         "",
