@@ -24,6 +24,15 @@ CFG = DemoConfig(model="tiny:qwen3_moe", methods=("frequency", "reap"), sparsiti
                  random_seeds=(0,), calib_samples=4, seq_len=32, eval_tokens_per_domain=96, batch_size=2)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy shared CPU extra threads only wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @functools.cache
 def _base(spec: str, dtype: torch.dtype):
     return load_model(spec, dtype=dtype)[0]
