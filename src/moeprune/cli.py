@@ -20,7 +20,7 @@ from moeprune.cli_support import (
 )
 
 EPILOG = """examples:
-  moeprune demo out/demo                                   # tiny model, built-in data, REAP 50%
+  moeprune demo out/demo                                   # trained toy MoE, 4 methods + random, 25/50%
   moeprune run recipe.yaml out/run --set target.expert_sparsity=0.25
   moeprune observe --model Qwen/Qwen3-30B-A3B --data calib.jsonl --features routed --out out/stats
   torchrun --nproc-per-node 8 -m moeprune.cli observe ...  # data-parallel: rank 0 saves merged stats
@@ -62,6 +62,16 @@ def cmd_run(a) -> None:
         print(f"perplexity: original {orig['ppl']:.3f} -> pruned {pr.get('ppl', float('nan')):.3f}; "
               f"KL {pr.get('kl', float('nan')):.4f}")
     print(f"outputs in {res.output_dir}")
+
+
+def cmd_demo(a) -> None:
+    import torch
+
+    from moeprune.demo import run_demo
+
+    torch.set_num_threads(a.threads)  # 1 by default: the toy model is too small to gain from threads
+    res = run_demo(a.out, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"demo finished in {res['seconds']:.0f} s; report: {res['report']}")
 
 
 def cmd_observe(a) -> None:
@@ -297,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("demo", help="the built-in default: a tiny MoE pruned with REAP on built-in text")
+    s = sub.add_parser("demo", help="a small trained MoE pruned by several methods at 25 %% and 50 %%: report")
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
-    # 128 tokens: the positions of the built-in tiny models (longer rows would be extrapolated)
-    s.set_defaults(fn=cmd_run, config=None, set=["calibration.num_samples=64", "calibration.seq_len=128",
-                                                  "eval.seq_len=128"])
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the toy model is too small to gain from more)")
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("observe", help="collect calibration statistics")
     model_args(s)

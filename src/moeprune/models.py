@@ -1,5 +1,6 @@
 """Load a model (and tokenizer) from what a user types: a hub id, a local folder, a pruned folder,
-an already-loaded model, or ``tiny:<model_type>`` for a built-in tiny random MoE."""
+an already-loaded model, ``tiny:<model_type>`` for a built-in tiny random MoE, or ``builtin:toy-moe`` for
+the small trained MoE packaged with moeprune."""
 from __future__ import annotations
 
 import json
@@ -158,6 +159,10 @@ def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None =
         return spec.eval(), None
     experts_implementation = resolve_experts_implementation(experts_implementation, device)
     dt = parse_dtype(dtype)
+    if spec == "builtin:toy-moe":  # the small trained MoE packaged with moeprune (see its model card)
+        from moeprune.builtin_text import toy_moe_dir
+
+        spec = toy_moe_dir()
     if spec.startswith("tiny:"):
         from moeprune.arch.tiny import tiny_model
 
