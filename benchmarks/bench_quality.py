@@ -94,10 +94,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=None, help="subset of method labels")
     p.add_argument("--append", action="store_true", help="add these rows to an existing results file "
                    "(rows of the same method and sparsity are replaced; random/unpruned rows are kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toy model gains little from "
+                   "more, and a busy machine makes several threads far slower)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality"))
     a = p.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(a.threads)
     splits = load_splits(a.toy_dir, build=False)
     model, tok = load_toy_model(a.toy_dir)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
