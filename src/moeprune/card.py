@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 from moeprune import __version__
+from moeprune.atomic import atomic_write_text
 from moeprune.plan import PruningPlan
 
 
@@ -52,6 +53,5 @@ def write_model_card(out_dir: str, recipe: Any, plan: PruningPlan, results: dict
     if os.path.isdir(os.path.join(out_dir, "model")):
         paths.append(os.path.join(out_dir, "model", "README.md"))
     for p in paths:
-        with open(p, "w") as f:
-            f.write(text)
+        atomic_write_text(p, text)
     return paths[0]

@@ -107,27 +107,30 @@ def cmd_plan(a) -> None:
 
 
 def cmd_apply(a) -> None:
+    from moeprune.atomic import check_output_dir, output_lock
     from moeprune.plan import PruningPlan
 
     plan = PruningPlan.load(a.plan)
-    if a.streaming:
-        from moeprune.apply.streaming import rewrite_checkpoint
+    src = a.model
+    if a.streaming and not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache)
+        from huggingface_hub import snapshot_download
 
-        src = a.model
-        if not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache offline)
-            from huggingface_hub import snapshot_download
+        src = snapshot_download(a.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                         "*.py", "*.jinja"])
+    # before loading anything: never into / over the source, empty unless --overwrite, one writer at a time
+    with output_lock(check_output_dir(a.out, sources=[src], overwrite=a.overwrite)):
+        if a.streaming:
+            from moeprune.apply.streaming import rewrite_checkpoint
 
-            src = snapshot_download(a.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                             "*.py", "*.jinja"])
-        out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size)
-    else:
-        from moeprune.apply import apply_plan, save_pruned
-        from moeprune.models import load_model
+            out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size, overwrite=a.overwrite)
+        else:
+            from moeprune.apply import apply_plan, save_pruned
+            from moeprune.models import load_model
 
-        model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
-        apply_plan(model, plan)
-        out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
-                          overwrite=a.overwrite)
+            model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
+            apply_plan(model, plan)
+            out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
+                              overwrite=a.overwrite)
     print(f"pruned checkpoint written to {out}")
 
 
@@ -147,9 +150,10 @@ def cmd_eval(a) -> None:
         res["pruned"].update(kl_to_original(base, tok, cfg, pruned=model, progress=not a.quiet))
     text = json.dumps(res, indent=1, default=str)
     if a.out:
+        from moeprune.atomic import atomic_write_text
+
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
+        atomic_write_text(a.out, text)
     print(text)
 
 
@@ -288,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError, ImportError) as e:
+    except (ValueError, OSError, KeyError, NotImplementedError, ImportError) as e:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"moeprune {args.cmd}: error: {msg}", file=sys.stderr)
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", ()))  # e.g. where partial results are
+        print(f"moeprune {args.cmd}: error: {msg}{notes}", file=sys.stderr)
         return 2
     return 0
 

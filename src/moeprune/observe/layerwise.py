@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from moeprune.atomic import atomic_write, atomic_write_text
+from moeprune.atomic import atomic_write, atomic_write_text, check_free_space, folder_bytes
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
 from moeprune.observe.experts import build_banks
@@ -189,11 +190,21 @@ class Checkpoint:
     def save_calls(self, calls: list) -> None:
         atomic_write(self._p("calls.pt"), lambda p: torch.save(calls, p))
 
+    def _load(self, name: str) -> Any:
+        """``torch.load`` restricted to tensors and plain containers (``weights_only``): a planted or shared
+        work folder cannot run code on resume."""
+        try:
+            return torch.load(self._p(name), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{self._p(name)} holds objects other than tensors and plain containers; it was not "
+                             f"written by this resumable pass (refusing to unpickle it): delete {self.folder} "
+                             "or pass resume=False") from e
+
     def load_calls(self) -> list:
-        return torch.load(self._p("calls.pt"), weights_only=False)
+        return self._load("calls.pt")
 
     def load_observer(self, layer: int) -> dict:
-        return torch.load(self._p(f"observer_{layer}.pt"), weights_only=False)
+        return self._load(f"observer_{layer}.pt")
 
     def commit(self, next_layer: int, state: dict) -> None:
         """Outputs of ``next_layer - 1`` are in ``acts_{next_layer}``: record the accumulators, then progress."""
@@ -287,6 +298,11 @@ def load_offloaded(path: str | os.PathLike, offload_folder: str | os.PathLike, *
     import transformers
     from accelerate import init_empty_weights
 
+    from moeprune.apply.shards import is_weight_file
+
+    if os.path.isdir(path):  # the decoder layers (nearly all the weights) are copied into offload_folder
+        check_free_space(offload_folder, folder_bytes(path, is_weight_file),
+                         f"the layer-wise offload copy of {path}'s weights in {offload_folder}")
     config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items()
                                                                if k == "trust_remote_code"})
     with init_empty_weights():
