@@ -331,8 +331,11 @@ def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
     kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate else {}
     apply_plan(m, plan)
     if evaluate:
-        _eval_into(results, "pruned", lambda d: (d.update(kl, **summary),
-                                                 measure(m, tok, r.eval, progress=progress, into=d)))
+        def pruned(d: dict[str, Any]) -> None:
+            d.update(kl, **summary)
+            measure(m, tok, r.eval, progress=progress, into=d)
+
+        _eval_into(results, "pruned", pruned)
     if out and r.apply.save:
         save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok, max_shard_size=r.apply.max_shard_size)
     return m
@@ -351,10 +354,13 @@ def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
     if not evaluate:
         return None
     pruned, _ = load_model(path, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
-    summary = {"method": plan.method, "expert_sparsity": plan.expert_sparsity()}
-    _eval_into(results, "pruned", lambda d: (d.update(summary), measure(pruned, tok, r.eval, progress=progress, into=d),
-                                             d.update(kl_to_original(m, tok, r.eval, pruned=pruned,
-                                                                     progress=progress))))
+
+    def measure_pruned(d: dict[str, Any]) -> None:
+        d.update(method=plan.method, expert_sparsity=plan.expert_sparsity())
+        measure(pruned, tok, r.eval, progress=progress, into=d)
+        d.update(kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress))
+
+    _eval_into(results, "pruned", measure_pruned)
     return pruned
 
 

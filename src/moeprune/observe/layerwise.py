@@ -11,7 +11,8 @@ on-disk -> fused key conversion stays transformers' job. ``observe_layerwise`` t
 Peak memory is one decoder layer plus the cached activations (one batch when they live on disk). The MoE
 capture and accumulators are the full pass's (``Observer``), so the statistics equal the full pass.
 With ``checkpoint_dir`` each finished layer commits its outputs and the accumulator state atomically;
-a rerun resumes after the last committed layer.
+a rerun resumes after the last committed layer (nothing in the folder is unpickled beyond tensors and plain
+containers, so a planted folder cannot run code).
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def execution_device(layer: nn.Module, default) -> torch.device:
 
 class Checkpoint:
     """``folder/progress.json`` -> committed layer; ``acts_{i}/b{j}.safetensors`` = inputs of layer i;
-    ``observer_{i}.pt`` = accumulators after layers < i; ``calls.pt`` = per-layer call kwargs."""
+    ``observer_{i}.pt`` = accumulators after layers < i (tensors and plain containers, loaded with
+    ``weights_only=True``). The per-layer call kwargs are re-recorded on resume, not stored."""
 
     def __init__(self, folder: str | os.PathLike, fingerprint: str):
         self.folder, self.fingerprint = os.fspath(folder), fingerprint
@@ -176,7 +178,7 @@ class Checkpoint:
         for name in os.listdir(self.folder):
             if name.startswith("acts_"):
                 shutil.rmtree(self._p(name), ignore_errors=True)
-            elif name == "progress.json" or name == "calls.pt" or (name.startswith("observer_") and name.endswith(".pt")):
+            elif name in ("progress.json", "calls.pt") or (name.startswith("observer_") and name.endswith(".pt")):
                 os.remove(self._p(name))
 
     def write_act(self, layer: int, b: int, h: torch.Tensor) -> None:
@@ -187,9 +189,6 @@ class Checkpoint:
     def read_act(self, layer: int, b: int) -> torch.Tensor:
         return load_file(self._p(f"acts_{layer}", f"b{b}.safetensors"))["h"]
 
-    def save_calls(self, calls: list) -> None:
-        atomic_write(self._p("calls.pt"), lambda p: torch.save(calls, p))
-
     def _load(self, name: str) -> Any:
         """``torch.load`` restricted to tensors and plain containers (``weights_only``): a planted or shared
         work folder cannot run code on resume."""
@@ -199,9 +198,6 @@ class Checkpoint:
             raise ValueError(f"{self._p(name)} holds objects other than tensors and plain containers; it was not "
                              f"written by this resumable pass (refusing to unpickle it): delete {self.folder} "
                              "or pass resume=False") from e
-
-    def load_calls(self) -> list:
-        return self._load("calls.pt")
 
     def load_observer(self, layer: int) -> dict:
         return self._load(f"observer_{layer}.pt")
@@ -250,10 +246,11 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
                 ckpt.reset()
                 for b, h in enumerate(hidden):
                     ckpt.write_act(0, b, h)
-                ckpt.save_calls(calls)
                 ckpt.commit(0, obs.state_dict())
         else:
-            calls = ckpt.load_calls()
+            # the per-layer call kwargs are re-recorded (a cheap stub pass), never unpickled: they can hold
+            # transformers objects (caches) that a safe load refuses
+            _, calls = record_inputs(model, layers, batches, device)
             obs.load_state_dict(ckpt.load_observer(start))
             hidden = [None] * len(batches)
         for i in tqdm(range(start, len(layers)), desc="observe (layer-wise)", disable=not progress):
