@@ -168,7 +168,11 @@ def test_kill_leaves_old_or_new_run_and_source_intact(world, tmp_path, point):
             clean_stale(out)
     now = _hashes(out)
     assert now == old or (now.keys() == old.keys() and _method_everywhere(out) == {"reap"}), point
-    assert main(args) == 0 and _method_everywhere(out) == {"reap"}
+    if point == "model":  # the next run into OUT deletes what the killed one left (one full run is enough)
+        assert main(args) == 0 and _method_everywhere(out) == {"reap"}
+    else:  # the same cleaning, by any next writer of OUT (cheaper than a run)
+        with output_lock(out):
+            clean_stale(out)
     assert sorted(os.listdir(tmp_path)) == ["out", "runner.py"]  # stale temp folders and the lock are gone
 
 

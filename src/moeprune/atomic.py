@@ -43,6 +43,18 @@ def _follow_umask(path: str | os.PathLike, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def follow_umask_tree(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the umask's mode: third-party writers (safetensors'
+    ``save_file``, ``mkdtemp``) create 0600/0700 whatever the umask, so a served model was unreadable."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], object]) -> str:
     """``writer(tmp)`` writes a temp file in ``path``'s folder, which then replaces ``path``; the temp
     file is removed if ``writer`` fails. Returns ``path``."""
@@ -235,6 +247,7 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     ``RENAME_EXCHANGE`` the swap is one atomic step; elsewhere the previous ``out`` is moved aside to
     ``.NAME.old-*/dir`` first (``clean_stale`` moves it back if a crash falls between the two renames)."""
     tmp, out = Path(tmp), Path(out)
+    follow_umask_tree(tmp)
     if not out.exists():
         os.replace(tmp, out)
         return
