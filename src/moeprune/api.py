@@ -209,8 +209,9 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
         raise ValueError("apply.mode=streaming rewrites the checkpoint into output_dir/model: pass output_dir")
     if output_dir is None:
         return _run(model, r, method, None, tokenizer, progress)
-    out = check_output_dir(output_dir, sources=[_model_source(model)], overwrite=overwrite)
-    with staged_run(out) as tmp:
+    sources = [_model_source(model)]
+    out = check_output_dir(output_dir, sources=sources, overwrite=overwrite)
+    with staged_run(out, sources=sources, overwrite=overwrite) as tmp:
         res = _run(model, r, method, str(tmp), tokenizer, progress)
     if res.model is not None and r.apply.mode == "streaming":  # it was loaded from the temp folder
         res.model.name_or_path = res.model.config._name_or_path = str(out / "model")
@@ -239,11 +240,12 @@ def _model_source(model: Any) -> str | None:
 
 
 @contextmanager
-def staged_run(out: Path) -> Iterator[Path]:
+def staged_run(out: Path, *, sources: list[str | None], overwrite: bool) -> Iterator[Path]:
     """Hold ``out``'s lock, build the run in a temp folder and swap it in on success. On failure keep
     what was computed in ``<out>.failed`` (with ``status.json`` naming the error) and leave ``out`` as it
     was; a killed run leaves a hidden temp folder that the next run into ``out`` deletes."""
     with output_lock(out):
+        check_output_dir(out, sources=sources, overwrite=overwrite)  # again: a run may have finished meanwhile
         clean_stale(out)
         tmp = make_temp_dir(out)
         try:

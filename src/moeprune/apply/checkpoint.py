@@ -25,7 +25,7 @@ from torch import nn
 
 from moeprune.apply.config import finalize_config, get_record, is_per_layer
 from moeprune.arch import structure
-from moeprune.atomic import atomic_dir, atomic_write_text, check_free_space, check_output_dir
+from moeprune.atomic import atomic_dir, atomic_write_text, check_free_space, check_output_dir, output_lock
 from moeprune.plan import PruningPlan
 
 REMOTE_CODE_FILE = "modeling_pruned_moe.py"
@@ -125,7 +125,8 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: PruningPl
     leaves no partial folder. Returns the folder path."""
     out = check_output_dir(out_dir, sources=[_source_dir(model)], overwrite=overwrite)
     finalize_config(model)
-    with atomic_dir(out) as tmp:
+    with output_lock(out), atomic_dir(out) as tmp:
+        check_output_dir(out, sources=[_source_dir(model)], overwrite=overwrite)  # under the lock, again
         check_free_space(tmp, _state_bytes(model), f"the pruned model {out}")
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if plan is not None:

@@ -40,7 +40,7 @@ from moeprune.apply.streaming_specs import (
     source_specs,
 )
 from moeprune.arch import structure as S
-from moeprune.atomic import atomic_dir, check_free_space, check_output_dir
+from moeprune.atomic import atomic_dir, check_free_space, check_output_dir, output_lock
 from moeprune.plan import PruningPlan
 
 _SKIP_FILES = {"config.json", PLAN_FILE, REMOTE_CODE_FILE}
@@ -152,7 +152,8 @@ def rewrite_checkpoint(
     check_against_meta(model, specs)
 
     handle = open_handles()
-    with atomic_dir(out) as tmp:
+    with output_lock(out), atomic_dir(out) as tmp:
+        check_output_dir(out, sources=[src], overwrite=overwrite)  # under the lock, again
         check_free_space(tmp, sum(s.nbytes for s in specs.values()), f"the pruned checkpoint {out}")
         write_shards(
             tmp, specs, lambda s: _chunks(s, handle(s.file)), max_shard_size=max_shard_size, progress=progress
