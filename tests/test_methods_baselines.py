@@ -41,6 +41,16 @@ def test_easyep_by_hand():
 
 
 # ---------------------------------------------------------------- router simulation
+def test_easyep_groups_option_by_hand():
+    # 8 experts in 4 groups of 2 (top 2 groups, top_k 2): the plain top-4 {0, 1, 2, 4} leaves groups of 2, 1, 1
+    st = make_stats({0: {"count": [1.0] * 8, "easyep_sum": [9, 8, 7, 1, 6, 1.5, 0.5, 0.4]}}, top_k=2)
+    st.meta["n_group"] = {"0": [4, 2]}
+    assert EasyEP(groups="ignore").plan(st, Target(expert_sparsity=0.5)).keep() == {0: [0, 1, 2, 4]}
+    assert EasyEP().plan(st, Target(expert_sparsity=0.5)).keep() == {0: [0, 1, 2, 3]}  # best two full groups (17, 8)
+    with pytest.raises(ValueError, match="groups='bogus'"):
+        EasyEP(groups="bogus")
+
+
 def test_route_softmax_renormalised_by_hand():
     logits = torch.tensor([[0.0, math.log(2.0), math.log(3.0), math.log(4.0)]])  # probs 1:2:3:4
     keep = torch.tensor([True, True, True, False])
@@ -62,7 +72,7 @@ def test_route_sigmoid_by_hand():
 
 
 # ---------------------------------------------------------------- NAEE
-def naee_stats(E=6, T=12, H=3, top_k=2, router=None, seed=0):
+def naee_stats(E=6, T=12, H=3, top_k=2, router=None, seed=0, batches=1):
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for li in range(2):
@@ -74,17 +84,23 @@ def naee_stats(E=6, T=12, H=3, top_k=2, router=None, seed=0):
             "recon_logits": logits,
             "recon_expert_out": out,
             "recon_target": target,
+            "recon_batch": [t * batches // T for t in range(T)],  # contiguous calibration batches
         }
-    return make_stats(layers, top_k=top_k, router=router)
+    st = make_stats(layers, top_k=top_k, router=router)
+    for d in st.layers.values():
+        d["recon_batch"] = d["recon_batch"].long()
+    return st
 
 
 def brute_force(st, li, r, router):
-    """Naive per-token loop: softmax over kept logits, sorted top-k, renormalise, scale, sum g*f."""
+    """Naive per-token loop: softmax over kept logits, sorted top-k, renormalise, scale, sum g*f; the loss is
+    the sum over calibration batches of per-batch Frobenius norms (the reference's)."""
     logits, out, tgt = (st.get(li, n).tolist() for n in ("recon_logits", "recon_expert_out", "recon_target"))
+    batch = st.get(li, "recon_batch").tolist()
     k, E = st.meta["top_k"][str(li)], len(logits[0])
     best = None
     for ks in itertools.combinations(range(E), r):
-        err = 0.0
+        err = dict.fromkeys(batch, 0.0)
         for t in range(len(logits)):
             if router["score"] == "softmax":
                 z = sum(math.exp(logits[t][e]) for e in ks)
@@ -94,9 +110,10 @@ def brute_force(st, li, r, router):
             top = sorted(ks, key=lambda e: -p[e])[:k]
             tot = sum(p[e] for e in top) if router["renormalize"] else 1.0
             y = [sum(p[e] / tot * router["scale"] * out[t][e][h] for e in top) for h in range(len(tgt[t]))]
-            err += sum((tgt[t][h] - y[h]) ** 2 for h in range(len(y)))
-        if best is None or math.sqrt(err) < best[1] - 1e-12:
-            best = (list(ks), math.sqrt(err))
+            err[batch[t]] += sum((tgt[t][h] - y[h]) ** 2 for h in range(len(y)))
+        loss = sum(math.sqrt(v) for v in err.values())
+        if best is None or loss < best[1] - 1e-12:
+            best = (list(ks), loss)
     return best
 
 
@@ -108,8 +125,9 @@ def brute_force(st, li, r, router):
         {"score": "sigmoid", "renormalize": True, "scale": 2.5},
     ],
 )
-def test_naee_equals_brute_force(router):
-    st = naee_stats(router=router)
+@pytest.mark.parametrize("batches", [1, 3])
+def test_naee_equals_brute_force(router, batches):
+    st = naee_stats(router=router, batches=batches)
     plan = NAEE(progress=False).plan(st, Target(expert_sparsity=0.5))
     for li in (0, 1):
         keep, loss = brute_force(st, li, 3, router)

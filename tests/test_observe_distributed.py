@@ -23,6 +23,15 @@ def _batches():
             torch.randint(3, 250, (2, 5), generator=g)]
 
 
+def _recon_gb(model) -> float:
+    """A NAEE cache bound that fits 2 tokens per batch on ALL batches (7 of 29 tokens); decided per shard it
+    would keep 3 per batch on rank 0's two batches: the decision must be global."""
+    from moeprune.observe.experts import build_banks
+    from moeprune.observe.recon_cache import bytes_per_token
+
+    return 7 * bytes_per_token(build_banks(model)) / 1e9
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     import transformers
 
@@ -31,8 +40,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        stats = observe_distributed(tiny_model("qwen3_moe"), _batches(), features=FEATS, recon_tokens=2,
-                                    progress=False)
+        model = tiny_model("qwen3_moe")
+        stats = observe_distributed(model, _batches(), features=FEATS, recon_max_gb=_recon_gb(model), progress=False)
         assert (stats is None) == (rank != 0)
         if rank == 0:
             stats.save(out)
@@ -49,9 +58,10 @@ def _free_port() -> int:
 def test_two_gloo_ranks_equal_single_process(tiny_cache, tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path / "dist")), nprocs=2, join=True)
     merged = ExpertStats.load(tmp_path / "dist")
-    single = observe(tiny_cache("qwen3_moe"), _batches(), features=FEATS, recon_tokens=2, progress=False)
-    assert merged.meta["world_size"] == 2
-    for key in ("num_tokens", "num_samples", "router", "num_experts", "expert_params"):
+    model = tiny_cache("qwen3_moe")
+    single = observe(model, _batches(), features=FEATS, recon_max_gb=_recon_gb(model), progress=False)
+    assert merged.meta["world_size"] == 2 and single.meta["recon"]["tokens_per_batch"] == 2
+    for key in ("num_tokens", "num_samples", "router", "num_experts", "expert_params", "recon"):
         assert merged.meta[key] == single.meta[key], key
     assert merged.moe_layers == single.moe_layers
     for li in single.moe_layers:

@@ -103,6 +103,7 @@ def calibrate(model, tokenizer, cfg: CalibrationConfig, features: tuple[str, ...
     from moeprune.observe import observe, observe_layerwise
 
     batches, data_info = calibration_batches(tokenizer, cfg)
+    recon = {"recon_tokens": cfg.recon_tokens, "recon_max_gb": cfg.recon_max_gb}  # NAEE cache (reconstruction)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -110,20 +111,21 @@ def calibrate(model, tokenizer, cfg: CalibrationConfig, features: tuple[str, ...
             raise ValueError("layer-wise and data-parallel calibration cannot be combined; drop one")
         from moeprune.observe import observe_distributed
 
-        stats = observe_distributed(model, batches, features=features, progress=progress, data=data_info)
+        stats = observe_distributed(model, batches, features=features, progress=progress, data=data_info,
+                                    **recon)
         if stats is not None and stats_dir:  # rank 0 holds the merged statistics
             stats.save(stats_dir)
         return stats
     if cfg.layerwise:
         work = os.path.join(stats_dir, "layerwise-work") if stats_dir else None
         stats = observe_layerwise(model, batches, features=features, checkpoint_dir=work, progress=progress,
-                                  data=data_info)
+                                  data=data_info, **recon)
         if work:  # the resumable activations checkpoint is only needed until the pass completes
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
     else:
-        stats = observe(model, batches, features=features, progress=progress, data=data_info)
+        stats = observe(model, batches, features=features, progress=progress, data=data_info, **recon)
     if stats_dir:
         stats.save(stats_dir)
     return stats

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it"
+OVERWRITE_HINT = "pass overwrite=True to replace it"  # the CLI says --overwrite (cli_support.CLI_SPELLING)
 
 
 def _umask() -> int:

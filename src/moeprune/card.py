@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from moeprune import __version__
 from moeprune.atomic import atomic_write_text
 from moeprune.plan import PruningPlan
@@ -13,28 +15,51 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def model_card(recipe: Any, plan: PruningPlan, results: dict[str, Any] | None = None) -> str:
+def _hub_id(model: str) -> str | None:
+    """``model`` when it is a hub repo id (valid card ``base_model``), None for folders / tiny models."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if model.startswith("tiny:") or os.path.exists(os.path.expanduser(model)) or model.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return None
+    return model
+
+
+def card_data(recipe: Any) -> ModelCardData:
+    """Hub metadata: base_model (hub ids only), library, pipeline and tags."""
+    return ModelCardData(base_model=_hub_id(str(recipe.model)), library_name="transformers",
+                         pipeline_tag="text-generation", tags=["moe", "pruning", "moeprune", "expert-pruning"])
+
+
+def _loading(plan: PruningPlan, path: str) -> list[str]:
+    if plan.is_uniform and not plan.has_neurons:
+        return ["from transformers import AutoModelForCausalLM", f"model = AutoModelForCausalLM.from_pretrained({path!r})"]
+    return ["import moeprune", f"model = moeprune.load_pruned({path!r})",
+            f"# or: AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)"]
+
+
+def model_card(recipe: Any, plan: PruningPlan, results: dict[str, Any] | None = None,
+               model_path: str | None = None) -> str:
+    """The card text. ``model_path``: where the pruned checkpoint is (a folder or a hub repo id), used
+    verbatim in the loading snippet."""
     kept = plan.kept_counts()
     total = sum(lp.num_experts for lp in plan.layers.values())
+    c = recipe.calibration
     lines = [
-        "---", "tags: [moe, pruning, moeprune]", f"base_model: {recipe.model}", "---", "",
         f"# {os.path.basename(str(recipe.model).rstrip('/'))} pruned with moeprune {__version__}", "",
+        f"* base model: `{recipe.model}`",
         f"* method: `{plan.method}` {plan.method_config or ''}",
         f"* target: {plan.target}",
-        f"* experts kept: {sum(kept.values())} of {total} (expert sparsity {plan.expert_sparsity():.1%}), "
-        f"{'uniform' if plan.is_uniform else 'non-uniform'} across layers",
+        (f"* experts kept: {sum(kept.values())} of {total} (expert sparsity {plan.expert_sparsity():.1%}), "
+         f"{'uniform' if plan.is_uniform else 'non-uniform'} across layers"),
         f"* neurons pruned inside experts: {'yes' if plan.has_neurons else 'no'}",
-        f"* calibration: {recipe.calibration.dataset}, {recipe.calibration.num_samples} samples x "
-        f"{recipe.calibration.seq_len} tokens, seed {recipe.calibration.seed}",
-        "", "## Loading", "", "```python",
+        f"* calibration: {c.dataset}, {c.num_samples} samples x {c.seq_len} tokens, seed {c.seed}",
+        "", "## Loading", "", "```python", *_loading(plan, model_path or "path/to/model"), "```",
+        "", "## Kept experts per layer", "", "| layer | kept | of |", "|---|---|---|",
     ]
-    if plan.is_uniform and not plan.has_neurons:
-        lines += ["from transformers import AutoModelForCausalLM",
-                  "model = AutoModelForCausalLM.from_pretrained('PATH')"]
-    else:
-        lines += ["import moeprune", "model = moeprune.load_pruned('PATH')",
-                  "# or: AutoModelForCausalLM.from_pretrained('PATH', trust_remote_code=True)"]
-    lines += ["```", "", "## Kept experts per layer", "", "| layer | kept | of |", "|---|---|---|"]
     lines += [f"| {li} | {len(lp.keep)} | {lp.num_experts} |" for li, lp in plan.layers.items()]
     if results:
         lines += ["", "## Evaluation", "", "| model | metric | value |", "|---|---|---|"]
@@ -43,12 +68,13 @@ def model_card(recipe: Any, plan: PruningPlan, results: dict[str, Any] | None = 
                 if isinstance(v, (int, float)) and k in ("ppl", "kl", "top1_agreement", "tokens"):
                     lines.append(f"| {name} | {k} | {_fmt(v)} |")
     lines += ["", "Full plan: `pruning_plan.json`; recipe: `recipe.yaml`.", ""]
-    return "\n".join(lines)
+    return str(ModelCard.from_template(card_data(recipe), template_str="---\n{{ card_data }}\n---\n\n"
+                                       "{{ body }}", body="\n".join(lines)))
 
 
 def write_model_card(out_dir: str, recipe: Any, plan: PruningPlan, results: dict[str, Any] | None = None) -> str:
     """Write the card to ``out_dir/README.md`` and, when present, ``out_dir/model/README.md``."""
-    text = model_card(recipe, plan, results)
+    text = model_card(recipe, plan, results, model_path=os.path.abspath(os.path.join(out_dir, "model")))
     paths = [os.path.join(out_dir, "README.md")]
     if os.path.isdir(os.path.join(out_dir, "model")):
         paths.append(os.path.join(out_dir, "model", "README.md"))

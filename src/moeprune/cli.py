@@ -8,6 +8,17 @@ import logging
 import os
 import sys
 
+from moeprune.cli_support import (
+    StageFailed,
+    check_model_args,
+    cli_message,
+    hub_snapshot,
+    quiet_libraries,
+    warn_uncovered,
+    writable_dir,
+    writable_file,
+)
+
 EPILOG = """examples:
   moeprune demo out/demo                                   # tiny model, built-in data, REAP 50%
   moeprune run recipe.yaml out/run --set target.expert_sparsity=0.25
@@ -22,15 +33,20 @@ EPILOG = """examples:
 
 
 def _kv(items: list[str]) -> dict:
-    import yaml
+    """``--opt key=value`` items: the recipe's ``--set`` parser (one rule for both)."""
+    from moeprune.recipe import apply_overrides
 
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"option {it!r} must look like key=value")
-        k, v = it.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
+    return apply_overrides({}, items)
+
+
+def _default(section: str, field: str):
+    """A CLI default read from the pydantic recipe models (one definition, no hand-copied numbers)."""
+    from moeprune.recipe import CalibrationConfig, EvalConfig, Recipe
+
+    cls = {"calibration": CalibrationConfig, "eval": EvalConfig, "recipe": Recipe}[section]
+    return cls.model_fields[field].default
+
+
 
 
 def cmd_run(a) -> None:
@@ -50,11 +66,19 @@ def cmd_run(a) -> None:
 
 def cmd_observe(a) -> None:
     from moeprune.api import calibrate
-    from moeprune.models import load_model, load_offloaded_model
+    from moeprune.models import load_model, load_offloaded_model, warn_positions
     from moeprune.recipe import CalibrationConfig
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
-                            text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise)
+                            text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise,
+                            recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb)
+    check_model_args(a)
+    if a.method:
+        from moeprune.methods.registry import get_method
+
+        get_method(a.method)
+    writable_dir(a.out, "statistics")
+    warn_positions(a.model, cfg.seq_len, "calibration")
     if a.layerwise and os.path.isdir(a.model):  # larger than memory: decoder layers stay on disk until used
         model, tok = load_offloaded_model(a.model, os.path.join(a.out, "offload"), dtype=a.dtype, device=a.device,
                                           experts_implementation=a.experts_implementation)
@@ -97,8 +121,9 @@ def cmd_plan(a) -> None:
     from moeprune.methods.target import Target
     from moeprune.observe.stats import ExpertStats
 
-    stats = ExpertStats.load(a.stats)
     method = get_method(a.method, **_kv(a.opt))
+    writable_file(a.out, "plan")
+    stats = ExpertStats.load(a.stats)
     target = Target(expert_sparsity=a.sparsity, param_ratio=a.param_ratio, memory_gb=a.memory_gb,
                     allocation=a.allocation, min_keep=a.min_keep)
     plan = method.plan(stats, target)
@@ -112,11 +137,15 @@ def cmd_apply(a) -> None:
 
     plan = PruningPlan.load(a.plan)
     src = a.model
-    if a.streaming and not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache)
-        from huggingface_hub import snapshot_download
+    if a.streaming:
+        from moeprune.models import resolve_model_source
 
-        src = snapshot_download(a.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                         "*.py", "*.jinja"])
+        src = resolve_model_source(a.model)
+        if src.startswith("tiny:"):
+            raise ValueError(f"--streaming rewrites a checkpoint folder; {a.model!r} is a built-in tiny model, not "
+                             "one (drop --streaming)")
+        if not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache offline)
+            src = hub_snapshot(src)
     # before loading anything: never into / over the source, empty unless --overwrite, one writer at a time
     with output_lock(check_output_dir(a.out, sources=[src], overwrite=a.overwrite)):
         if a.streaming:
@@ -128,6 +157,7 @@ def cmd_apply(a) -> None:
             from moeprune.models import load_model
 
             model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
+            warn_uncovered(model, plan)
             apply_plan(model, plan)
             out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
                               overwrite=a.overwrite)
@@ -135,25 +165,64 @@ def cmd_apply(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from moeprune.api import kl_to_original, measure
-    from moeprune.models import load_model
+    """Perplexity (+ KL to --base), then lm-eval; what finished is saved even when a later stage fails."""
+    from moeprune.evaluate.kl import check_comparable
+    from moeprune.models import load_model, warn_positions
     from moeprune.recipe import EvalConfig
 
-    cfg = EvalConfig(perplexity=a.text, seq_len=a.seq_len, max_tokens=a.max_tokens, kl=a.base is not None,
+    text = None if a.text in ("none", "") else a.text
+    cfg = EvalConfig(perplexity=text, seq_len=a.seq_len, max_tokens=a.max_tokens, kl=a.base is not None,
                      lm_eval_tasks=[t for t in (a.tasks or "").split(",") if t], lm_eval_include_path=a.include_path,
                      lm_eval_limit=a.limit)
+    check_model_args(a)
+    writable_file(a.out, "eval output")
+    warn_positions(a.model, cfg.seq_len, "eval")
     model, tok = load_model(a.model, dtype=a.dtype, device=a.device)
-    res = {"pruned" if a.base else "model": measure(model, tok, cfg, progress=not a.quiet)}
+    base = None
     if a.base:
-        base, _ = load_model(a.base, dtype=a.dtype, device=a.device)
-        res["original"] = measure(base, tok, cfg, progress=not a.quiet)
-        res["pruned"].update(kl_to_original(base, tok, cfg, pruned=model, progress=not a.quiet))
+        base, base_tok = load_model(a.base, dtype=a.dtype, device=a.device)
+        check_comparable(model, base, tok, base_tok, names=(f"--model {a.model}", f"--base {a.base}"))
+    key = "pruned" if base is not None else "model"
+    res: dict = {key: {}}
+    stage = ["perplexity"]
+    try:
+        _eval_stages(res, key, model, base, tok, cfg, stage, progress=not a.quiet)
+    except Exception as e:
+        if not any(res.values()) or os.environ.get("MOEPRUNE_DEBUG"):
+            raise
+        res["error"] = {"stage": stage[0], "type": type(e).__name__, "message": str(e)}
+        _write_eval(res, a.out)
+        where = f"; the finished results are saved in {a.out}" if a.out else " (finished results printed above)"
+        raise StageFailed(f"{stage[0]} failed after earlier stages finished ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}){where}") from e
+    _write_eval(res, a.out)
+
+
+def _eval_stages(res: dict, key: str, model, base, tok, cfg, stage: list[str], *, progress: bool) -> None:
+    """Fill ``res`` stage by stage (``stage[0]`` names the running one, for the error entry)."""
+    from moeprune.api import kl_to_original, measure
+    from moeprune.evaluate.lmeval import run_lm_eval
+
+    ppl_only = cfg.model_copy(update={"lm_eval_tasks": []})
+    res[key].update(measure(model, tok, ppl_only, progress=progress))
+    if base is not None:
+        res["original"] = measure(base, tok, ppl_only, progress=progress)
+        stage[0] = "kl"
+        res[key].update(kl_to_original(base, tok, cfg, pruned=model, progress=progress))
+    if cfg.lm_eval_tasks:
+        stage[0] = "lm_eval"
+        for name, m in ((key, model), ("original", base)):
+            if m is not None:
+                res[name]["lm_eval"] = run_lm_eval(m, tok, cfg.lm_eval_tasks, include_path=cfg.lm_eval_include_path,
+                                                   limit=cfg.lm_eval_limit)["results"]
+
+
+def _write_eval(res: dict, out: str | None) -> None:
     text = json.dumps(res, indent=1, default=str)
-    if a.out:
+    if out:
         from moeprune.atomic import atomic_write_text
 
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        atomic_write_text(a.out, text)
+        atomic_write_text(out, text)
     print(text)
 
 
@@ -187,9 +256,31 @@ def cmd_archs(a) -> None:
 def cmd_validate(a) -> None:
     from moeprune.recipe import Recipe
 
-    r = Recipe.load(a.config, a.set)
+    r = Recipe.load(a.config, a.set)  # dtype, device, sizes, paths, method options: all checked here
     print(r.dump())
     print("recipe is valid")
+
+
+def _gb_or_none(v: str) -> float | None:
+    """``--recon-max-gb``: a number > 0, or none."""
+    if v.lower() in ("none", "null"):
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        f = float("nan")
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"{v!r}: give a size in GB > 0 (e.g. 8), or 'none' for no bound")
+    return f
+
+
+def _int_or_none(v: str) -> int | None:
+    """``--recon-tokens``: a positive integer, or none (every token)."""
+    if v.lower() in ("none", "null", "all"):
+        return None
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: give a positive number of tokens per batch, or 'all'")
+    return int(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp, device=True):
         sp.add_argument("--model", required=True, help="hub id, folder, or tiny:<model_type>")
-        sp.add_argument("--dtype", default="float32")
+        sp.add_argument("--dtype", default=_default("recipe", "dtype"))
         if device:
-            sp.add_argument("--device", default="cpu")
+            sp.add_argument("--device", default=_default("recipe", "device"))
 
     s = sub.add_parser("run", help="observe -> plan -> apply -> eval -> report from a recipe")
     s.add_argument("config", nargs="?", help="recipe YAML (defaults when omitted)")
@@ -216,22 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_run, config=None, set=["calibration.num_samples=64", "calibration.seq_len=256"])
+    # 128 tokens: the positions of the built-in tiny models (longer rows would be extrapolated)
+    s.set_defaults(fn=cmd_run, config=None, set=["calibration.num_samples=64", "calibration.seq_len=128",
+                                                  "eval.seq_len=128"])
 
     s = sub.add_parser("observe", help="collect calibration statistics")
     model_args(s)
-    s.add_argument("--experts-implementation", default="auto", help="auto: eager on CPU, default elsewhere")
-    s.add_argument("--data", default="builtin:stdlib", help="file, HF dataset name, or builtin:stdlib")
-    s.add_argument("--text-column", default="text")
+    s.add_argument("--experts-implementation", default=_default("recipe", "experts_implementation"),
+                   help="auto: eager on CPU, default elsewhere")
+    s.add_argument("--data", default=_default("calibration", "dataset"),
+                   help="file (.txt .md .py .jsonl .json .parquet .csv), folder of them, HF dataset name, or "
+                        "builtin:stdlib")
+    s.add_argument("--text-column", default=_default("calibration", "text_column"))
     s.add_argument("--features", default="routed", help="comma list: routed,direction,neurons,transitions,"
                    "paths,cluster,reconstruction")
     s.add_argument("--method", default=None, help="also collect what this method needs")
-    s.add_argument("--num-samples", type=int, default=128)
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--select", choices=["random", "kmeans"], default="random")
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--num-samples", type=int, default=_default("calibration", "num_samples"))
+    s.add_argument("--seq-len", type=int, default=_default("calibration", "seq_len"))
+    s.add_argument("--batch-size", type=int, default=_default("calibration", "batch_size"))
+    s.add_argument("--select", choices=["random", "kmeans"], default=_default("calibration", "select"))
+    s.add_argument("--seed", type=int, default=_default("calibration", "seed"))
     s.add_argument("--layerwise", action="store_true", help="onload one decoder layer at a time")
+    s.add_argument("--recon-max-gb", type=_gb_or_none, default=_default("calibration", "recon_max_gb"),
+                   help="reconstruction (NAEE) cache bound in GB; above it a seeded per-batch token subsample, "
+                   "with a warning ('none': no bound)")
+    s.add_argument("--recon-tokens", type=_int_or_none, default=_default("calibration", "recon_tokens"),
+                   help="reconstruction (NAEE): cache this many tokens per batch (default: every token)")
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_observe)
@@ -262,12 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="perplexity, KL to a base model, lm-eval tasks")
     model_args(s)
     s.add_argument("--base", default=None, help="unpruned model, for KL and side-by-side numbers")
-    s.add_argument("--text", default="builtin:stdlib-heldout")
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--max-tokens", type=int, default=20000)
+    s.add_argument("--text", default=_default("eval", "perplexity"),
+                   help="held-out text: file, folder, builtin:stdlib-heldout, or none")
+    s.add_argument("--seq-len", type=int, default=_default("eval", "seq_len"))
+    s.add_argument("--max-tokens", type=int, default=_default("eval", "max_tokens"))
     s.add_argument("--tasks", default=None, help="lm-eval tasks, comma separated (pip install moeprune[eval])")
     s.add_argument("--include-path", default=None)
-    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--limit", type=int, default=_default("eval", "lm_eval_limit"))
     s.add_argument("--out", default=None)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_eval)
@@ -290,14 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOEPRUNE_LOG_LEVEL", "DEBUG" if args.verbose else "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         args.fn(args)
+    except StageFailed as e:
+        print(f"moeprune {args.cmd}: error: {cli_message(e, args.cmd)}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, KeyError, NotImplementedError, ImportError) as e:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", ()))  # e.g. where partial results are
-        print(f"moeprune {args.cmd}: error: {msg}{notes}", file=sys.stderr)
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", ()))  # e.g. where a failed run's results are
+        print(f"moeprune {args.cmd}: error: {cli_message(e, args.cmd)}{notes}", file=sys.stderr)
         return 2
     return 0
 

@@ -23,6 +23,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_local_path(value: str, what: str) -> str:
+    """A value that names a local path must exist now (not after hours of observing)."""
+    from moeprune.models import looks_like_local_path
+    from moeprune.observe.data import BUILDERS  # the supported local file types, defined once
+
+    p = os.path.expanduser(value)
+    if (looks_like_local_path(value) or os.path.splitext(value)[1] in BUILDERS) and not os.path.exists(p):
+        raise ValueError(f"{what}={value!r} does not exist (current folder {os.getcwd()}); fix the path")
+    return value
+
+
+
 class CalibrationConfig(_Strict):
     dataset: str = Field("builtin:stdlib", description="HF dataset name, local txt/jsonl/json/parquet file, "
                          "or builtin:stdlib (CPython standard-library source, always offline)")
@@ -35,6 +47,31 @@ class CalibrationConfig(_Strict):
     select: Literal["random", "kmeans"] = "random"
     seed: int = 42
     layerwise: bool = Field(False, description="onload one decoder layer at a time (models larger than memory)")
+    recon_tokens: int | None = Field(None, description="NAEE cache: a seeded subsample of this many tokens per "
+                                     "batch; null = every token (the reference)")
+    recon_max_gb: float | None = Field(4.0, description="NAEE cache bound in GB (= observe.recon_cache."
+                                       "DEFAULT_MAX_GB): above it a seeded per-batch subsample, with a warning; "
+                                       "null = no bound")
+
+    @field_validator("recon_tokens", "recon_max_gb", mode="before")
+    @classmethod
+    def _recon(cls, v, info):
+        """The NAEE cache options, with what to set instead."""
+        if v is None:
+            return v
+        if info.field_name == "recon_tokens" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"calibration.recon_tokens={v!r} must be a positive integer (tokens cached per "
+                             "batch for NAEE) or null (every token, the reference)")
+        if info.field_name == "recon_max_gb" and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                  or not v > 0):
+            raise ValueError(f"calibration.recon_max_gb={v!r} must be a number > 0 (GB of the NAEE cache) or "
+                             "null (no bound)")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_exists(cls, v: str) -> str:
+        return _check_local_path(v, "calibration.dataset")
 
 
 class MethodSpec(BaseModel):
@@ -77,6 +114,17 @@ class ApplyConfig(_Strict):
     max_shard_size: str = "5GB"
     save: bool = True
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            convert_file_size_to_int(v)
+        except (ValueError, TypeError):
+            raise ValueError(f"max_shard_size={v!r} is not a size; write it like 5GB, 500MB or 2GiB") from None
+        return v
+
 
 class EvalConfig(_Strict):
     perplexity: str | None = Field("builtin:stdlib-heldout", description="text file, or builtin:stdlib-heldout")
@@ -86,6 +134,26 @@ class EvalConfig(_Strict):
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_include_path: str | None = None
     lm_eval_limit: int | None = None
+
+    @field_validator("perplexity")
+    @classmethod
+    def _text_exists(cls, v: str | None) -> str | None:
+        """A held-out text that is not a built-in must be an existing file or folder: otherwise the path
+        string itself would be scored as text (plausible but meaningless numbers)."""
+        from moeprune.builtin_text import BUILTINS
+
+        if v is None or v in BUILTINS or os.path.exists(os.path.expanduser(v)):
+            return v
+        raise ValueError(f"eval.perplexity={v!r} is neither a built-in text ({', '.join(sorted(BUILTINS))}) nor an "
+                         f"existing file or folder (current folder {os.getcwd()}); fix the path, or set "
+                         "perplexity: null to skip perplexity")
+
+    @field_validator("lm_eval_include_path")
+    @classmethod
+    def _include_exists(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isdir(os.path.expanduser(v)):
+            raise ValueError(f"eval.lm_eval_include_path={v!r} is not a folder of lm-eval task YAMLs")
+        return v
 
 
 class Recipe(_Strict):
@@ -107,6 +175,28 @@ class Recipe(_Strict):
     def _method_str(cls, v):
         return {"name": v} if isinstance(v, str) else v
 
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        from moeprune.models import parse_dtype
+
+        parse_dtype(v)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from moeprune.models import check_device
+
+        return check_device(v)
+
+    @field_validator("experts_implementation")
+    @classmethod
+    def _experts_impl(cls, v: str | None) -> str | None:
+        from moeprune.models import check_experts_implementation
+
+        return check_experts_implementation(v)
+
     @model_validator(mode="after")
     def _method_known(self):
         self.method.build()  # unknown names/options fail here, before any work
@@ -116,17 +206,28 @@ class Recipe(_Strict):
         if self.calibration.layerwise and os.path.isdir(self.model) and self.apply.mode != "streaming":
             raise ValueError("calibration.layerwise=true keeps the decoder layers of the checkpoint on disk, so "
                              "the model is never whole in memory to prune in place; set apply.mode: streaming")
+        from moeprune.models import warn_positions
+
+        warn_positions(self.model, self.calibration.seq_len, "calibration")
+        if self.eval.perplexity is not None:
+            warn_positions(self.model, self.eval.seq_len, "eval")
         return self
 
     # ---- io
     @classmethod
-    def load(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "Recipe":
+    def load(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"recipe {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from None
+        if data is None:
+            raise ValueError(f"recipe {path} is empty; write at least `model: <hub id or folder>` (or run "
+                             "`moeprune demo` for the built-in tiny model)")
         if not isinstance(data, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
+            raise ValueError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")  # noqa: TRY004
         return cls.model_validate(apply_overrides(data, overrides or []))
 
     def dump(self) -> str:
@@ -134,16 +235,21 @@ class Recipe(_Strict):
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``key.sub=value`` overrides (values parsed as YAML: numbers, bools, lists)."""
-    for item in overrides:
-        if "=" not in item:
+    """``key.sub=value`` overrides (values parsed as YAML: numbers, bools, lists): the one ``key=value``
+    parser of the CLI (``--set`` and ``--opt``)."""
+    for item in overrides or []:
+        if "=" not in item or not item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, val = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(val)
+        except yaml.YAMLError:
+            parsed = val  # e.g. a value with ': ' or an unbalanced bracket: keep the text
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(val)
+                raise ValueError(f"override {item!r}: {p!r} is not a mapping")  # noqa: TRY004
+        node[parts[-1]] = parsed
     return data

@@ -21,13 +21,15 @@ from moeprune.evaluate.perplexity import model_device
 
 
 def _as_batch(b: Any) -> dict[str, torch.Tensor]:
-    if isinstance(b, torch.Tensor):
-        ids = b if b.dim() == 2 else b.unsqueeze(0)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if isinstance(b, dict) and "input_ids" in b:
-        ids = b["input_ids"]
-        return {"input_ids": ids, "attention_mask": b.get("attention_mask", torch.ones_like(ids))}
-    raise TypeError(f"a batch must be a [B, L] LongTensor or a dict with input_ids, got {type(b).__name__}")
+    """The calibration rule (``observe.runner.as_batch``) plus an all-ones ``attention_mask`` when absent."""
+    from moeprune.observe.runner import as_batch
+
+    batch = as_batch(b)
+    if "input_ids" not in batch:
+        raise TypeError("KL needs token ids: a batch must be a [B, L] LongTensor or a dict with input_ids")
+    if batch.get("attention_mask") is None:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
 
 
 @torch.no_grad()
@@ -98,3 +100,25 @@ def kl_divergence(
     if count == 0:
         raise ValueError("no valid tokens in the batches (all attention_mask entries are 0?)")
     return {"kl": kl_sum / count, "kl_max": kl_max, "top1_agreement": agree / count, "tokens": count}
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return int(emb.weight.shape[0]) if emb is not None else getattr(model.config, "vocab_size", None)
+
+
+def check_comparable(model: torch.nn.Module, base: torch.nn.Module, tok=None, base_tok=None, *,
+                     names: tuple[str, str] = ("model", "base")) -> None:
+    """Refuse a KL comparison of unrelated models: a pruned model keeps the base's architecture, hidden
+    size, layers, vocabulary and tokenizer; KL between anything else is a number without meaning."""
+    a, b = model.config, base.config
+    checks = [("model_type", getattr(a, "model_type", None), getattr(b, "model_type", None)),
+              ("hidden_size", getattr(a, "hidden_size", None), getattr(b, "hidden_size", None)),
+              ("num_hidden_layers", getattr(a, "num_hidden_layers", None), getattr(b, "num_hidden_layers", None)),
+              ("vocabulary size", _vocab_size(model), _vocab_size(base))]
+    if tok is not None and base_tok is not None and tok.get_vocab() != base_tok.get_vocab():
+        checks.append(("tokenizer vocabulary", f"{len(tok)} tokens", f"{len(base_tok)} tokens (different)"))
+    bad = [f"{what} {x} vs {y}" for what, x, y in checks if x != y or "different" in str(y)]
+    if bad:
+        raise ValueError(f"{names[1]} is not the unpruned version of {names[0]} ({'; '.join(bad)}): KL between "
+                         "unrelated models means nothing; pass the model you pruned as the base")

@@ -10,7 +10,6 @@ it and is never scored, so with non-overlapping windows (``stride = seq_len``) e
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -25,33 +24,16 @@ TextSource = str | os.PathLike | Sequence[str] | Sequence[int] | torch.Tensor
 
 
 def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """Texts of a local file: ``.txt`` (whole file), ``.jsonl`` (``field`` of each line) or ``.json``
-    (a list of strings or of objects with ``field``)."""
+    """Texts of a local file or folder, by the same rule as calibration data (``observe.data.load_texts``):
+    ``.txt``/``.md``/``.py`` one text per blank-line separated paragraph (joined back with ``"\n\n"`` this is
+    the file), ``.jsonl``/``.json`` the ``field`` of each row, parquet/csv columns."""
+    from moeprune.observe.data import load_texts
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file {path!r} does not exist")
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif path.endswith(".json"):
-        with open(path) as f:
-            rows = json.load(f)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of strings or objects, got {type(rows).__name__}")
-    else:
-        with open(path, encoding="utf-8") as f:
-            return [f.read()]
-    out = []
-    for i, r in enumerate(rows):
-        if isinstance(r, str):
-            out.append(r)
-        elif isinstance(r, dict) and isinstance(r.get(field), str):
-            out.append(r[field])
-        else:
-            raise ValueError(
-                f"{path}: row {i} has no string field {field!r} (pass field=... to pick another)"
-            )
-    return out
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text file {path!r} does not exist (current folder {os.getcwd()})")
+    texts, _ = load_texts(path, text_column=field)
+    return texts
 
 
 def token_stream(
@@ -70,7 +52,7 @@ def token_stream(
         ids = torch.tensor(source, dtype=torch.long)
     else:
         if isinstance(source, os.PathLike) or (
-            isinstance(source, str) and len(source) < 4096 and os.path.isfile(source)
+            isinstance(source, str) and len(source) < 4096 and os.path.exists(source)
         ):
             texts = read_texts(source)
         elif isinstance(source, str):

@@ -3,8 +3,11 @@
 * ``random``: seeded uniform scores; with ``allocation="global"`` the raw scores are compared directly
   (``normalize="none"``), so every expert of every layer is equally likely to go.
 * ``easyep``: ``sum_t g * ||f|| * max(1 - cos(h_t, h_t + r_t), 0)`` over routed tokens (``easyep_sum``;
-  ``h_t`` the residual stream before the block, ``r_t`` the routed output), highest kept per layer
-  (the paper keeps the same count in every layer; global allocation is available too).
+  ``g`` the model's top-k routing weight, ``h_t`` the residual stream before the block, ``r_t`` the routed
+  output without shared experts), highest kept per layer, as RUCAIBox/EASYEP @7324eb1
+  ``pruning/expert_selection.py`` (global allocation is available too). The reference scores the 25
+  longest of its seeded-shuffled samples; moeprune scores every calibration sample it is given (choose
+  the samples in the calibration config). Group-limited routers: see ``EasyEP.groups``.
 """
 
 from __future__ import annotations
@@ -48,9 +51,25 @@ class Random(MethodConfig):
 @register_method("easyep")
 @dataclass(frozen=True)
 class EasyEP(MethodConfig):
-    """EASY-EP: gate x output norm x residual direction change, summed over routed tokens."""
+    """EASY-EP: gate x output norm x residual direction change, summed over routed tokens.
+
+    ``groups``: ``"balance"`` (default) keeps a router-group-balanced set on group-limited routers (the
+    plain top-k of the reference usually leaves unequal groups, which ``apply`` can only realise by
+    changing the routing to n_group=1); ``"ignore"`` is the reference's plain per-layer top-k everywhere.
+    Both are the same on routers without groups."""
+
+    groups: str = "balance"
 
     needs: ClassVar[tuple[str, ...]] = ("routed", "direction")
 
+    def __post_init__(self):
+        if self.groups not in ("balance", "ignore"):
+            raise ValueError(f"groups={self.groups!r}; choose 'balance' or 'ignore' (the reference's plain top-k)")
+
     def score(self, stats: ExpertStats) -> dict[int, torch.Tensor]:
         return {li: stats.get(li, "easyep_sum").double().clone() for li in stats.moe_layers}
+
+    def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
+        return plan_from_scores(
+            stats, self.score(stats), target, method=self.name, method_config=self.to_dict(), groups=self.groups
+        )

@@ -1,34 +1,43 @@
 """C-Prune: cluster-driven expert pruning (Guo et al., arXiv 2504.07807).
 
-**Which algorithm.** This implements the *released code* (Fighoture/MoE_unsupervised_pruning,
-``pruning_mask.py``), not the paper's equations: the equations leave alpha, gamma, beta, delta, eta,
-lambda, epsilon, zeta and r unspecified and add weight merging and router averaging that the code never
-ran, whereas the code is fully specified and is what the paper's tables and Table-4 defaults describe.
+**Which algorithm.** The *released code* (Fighoture/MoE_unsupervised_pruning @65719c5, ``pruning_mask.py``,
+``utils/uns_utils.py``), not the paper's equations (they leave alpha, gamma, beta, ... unspecified and add
+merging the code never ran). With default options every step below is the code's.
 
-Statistic: ``sentence_out [N, E, H]`` = ``f_j(mean of sample n's valid tokens)`` for every expert j.
+Statistic: ``sentence_out [N, E, H]`` = ``f_j(mean of sample n's tokens)`` for every expert j.
 
-1. **Layer-wise stage.** Samples are split into batches of ``batch_size`` (sample order, or a seeded
-   shuffle). Per batch, expert j's feature is ``v_j = flatten(sentence_out[batch, j]) [B*H]``; experts are
-   clustered into ``layer_clusters`` clusters (Ward linkage + ``fcluster(maxclust)``, or seeded k-means).
-   In each cluster C: if ``|C| < 3`` all members are *selected*, else the
-   ``int(c(p) * (1 - rate) * |C|)`` members nearest the cluster mean (capped at ``|C|``), with the code's
-   coefficient (operator precedence kept) ``p = |C| / E``,
-   ``c = 0.6 * (exp(0.5 - p) - exp(p - 0.5) / (exp(p - 0.5) + exp(0.5 - p))) + 0.5``.
-   ``count_j`` = number of batches that selected j; the layer prunes its ``n_l`` lowest counts.
-2. **Global stage** (``allocation`` global / method): the surviving experts of all layers are pooled and
-   the same per-batch clustering (``global_clusters``) and counting runs on the pool; the lowest counts go,
-   never taking a layer below its floor (top_k / min_keep; the code's ``0.9 * N`` cap is replaced by it).
+1. **Layer stage** (rate ``lr``). Samples are split into batches of ``batch_size``. Per batch, expert j's
+   feature is ``v_j = fp16(flatten(sentence_out[batch, j])) [B*H]``; ``Z = linkage(squareform(pdist(V)),
+   "ward")`` (SciPy reads the rows of the square distance matrix as observations) and
+   ``fcluster(Z, layer_clusters, "maxclust")``; ``d_j = ||v_j - mean of its cluster||`` in fp16 numpy
+   arithmetic. A cluster C with ``|C| < 3`` selects all members, else the
+   ``int(c * (1 - lr) * |C|)`` nearest (distance ties: lower id first), with the code's coefficient
+   (operator precedence kept) ``p = |C| / E``, ``c = 0.6 * (exp(.5-p) - exp(p-.5) / (exp(p-.5) + exp(.5-p)))
+   + .5``. ``count_j`` = batches selecting j; the ``int(lr * E)`` lowest counts go, **equal counts: the
+   lowest id goes first** (a stable ascending sort).
+2. **Global stage** (rate ``gr``). The survivors of all layers are pooled (layer order, then id); the same
+   counting with ``global_clusters`` and ``gr`` (``p = |C| / E`` still); the ``int(gr * pool)`` lowest
+   counts go (ties: lowest pool position). Per layer the global list is cut to its first
+   ``int(n_layer // lr * 0.9)`` entries when ``n_layer + n_global`` exceeds that number (the code's cap,
+   float floor division kept; skipped when ``lr == 0``, where the code divides by zero).
 
-**Mapping to the Target.** With total pruned fraction ``s`` (``1 - total_keep / sum E``):
-``allocation="uniform"`` -> the layer stage alone prunes ``E_l - uniform_keep_l`` per layer;
-otherwise the layer stage prunes ``floor(layer_rate * E_l)`` per layer with
-``layer_rate = 1 - sqrt(1 - s)`` unless given (the paper's equal rates: 0.1 + 0.1 ~ 0.19 total), and the
-global stage prunes exactly the rest. ``rate`` in the coefficient is the stage's own pruned fraction.
+**Rates and the Target.** The code has two rates (``0.1 / 0.1`` in its script) and no total target.
+``layer_rate`` / ``global_rate`` given: used verbatim. Not given: derived from the target's pruned fraction
+``s = 1 - total_keep / sum E``: two-stage allocations (``"method"`` / ``"global"``) use equal rates
+``r = 1 - sqrt(1 - s)`` (so ``s = 0.19`` gives the code's 0.1 / 0.1); one rate given, the other solves
+``(1 - lr)(1 - gr) = 1 - s``; ``allocation="uniform"`` runs the layer stage alone, pruning the target's
+per-layer count. The code's ``int()`` counts and cap usually prune a little less than ``s``: the plan
+records ``achieved_expert_sparsity`` and warns; ``global_stage="exact"`` hits the target instead.
 
-Deviations, deliberate: Ward runs on the feature vectors (the code passes the square distance matrix
-to ``linkage``, i.e. Ward on rows of the distance matrix; ``ward_on_distances=True`` reproduces that);
-count ties keep the lower expert id (library-wide convention); no padding positions enter the sentence
-mean (observe masks them). Group-limited layers are re-balanced with ``allocation.balance_groups``.
+**Floors.** The code can leave a layer fewer than ``top_k`` experts; that raises an error naming the layer,
+unless ``respect_floors=True`` (the layer's global list, then its layer count, is cut to its floor).
+
+Options (each a deliberate, non-default deviation): ``precision="float64"`` (no fp16 rounding / overflow of
+distances), ``ward_on_distances=False`` (Ward on the feature vectors), ``ties="keep_lower_id"`` (library
+convention), ``global_stage="exact"`` (the global stage prunes exactly the rest of the target, skipping
+layers at their floor, no 0.9 cap), ``shuffle`` (seeded batch order), ``clustering="kmeans"`` (the code's
+KMeans(random_state=0) alternative). Not reproduced: the code's sentence mean includes padding positions
+(observe averages valid tokens only). Group-limited layers are re-balanced with ``balance_groups``.
 """
 
 from __future__ import annotations
@@ -38,22 +47,23 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 
-from moeprune.methods.allocation import balance_groups, build_plan, ranked
+from moeprune.methods.allocation import balance_groups, build_plan
+from moeprune.methods.cprune_counting import prune_order, reference_cap, selection_counts
 from moeprune.methods.registry import MethodConfig, register_method
 
 if TYPE_CHECKING:
-    from moeprune.methods.target import Target
+    from moeprune.methods.target import Budget, Target
     from moeprune.observe.stats import ExpertStats
     from moeprune.plan import PruningPlan
 
-
-def coefficient(size: int, num_experts: int) -> float:
-    """The released code's dynamic selection coefficient (precedence as written there)."""
-    p = size / num_experts
-    return 0.6 * (math.exp(0.5 - p) - math.exp(p - 0.5) / (math.exp(p - 0.5) + math.exp(0.5 - p))) + 0.5
+_CHOICES = {
+    "clustering": ("ward", "kmeans"),
+    "precision": ("float16", "float64"),
+    "ties": ("reference", "keep_lower_id"),
+    "global_stage": ("reference", "exact"),
+}
 
 
 @register_method("cprune")
@@ -65,122 +75,202 @@ class CPrune(MethodConfig):
     layer_clusters: int = 12
     global_clusters: int = 6
     layer_rate: float | None = None
+    global_rate: float | None = None
+    global_stage: str = "reference"
     clustering: str = "ward"
-    ward_on_distances: bool = False
+    ward_on_distances: bool = True
+    precision: str = "float16"
+    ties: str = "reference"
+    respect_floors: bool = False
     shuffle: bool = False
     seed: int = 42
 
     needs: ClassVar[tuple[str, ...]] = ("cluster",)
 
     def __post_init__(self):
-        if self.clustering not in ("ward", "kmeans"):
-            raise ValueError(f"clustering={self.clustering!r}; choose 'ward' or 'kmeans'")
-        if self.layer_rate is not None and not 0.0 <= self.layer_rate < 1.0:
-            raise ValueError(f"layer_rate={self.layer_rate} must lie in [0, 1)")
+        for field, choices in _CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {list(choices)}")
+        for field in ("layer_rate", "global_rate"):
+            v = getattr(self, field)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(
+                    f"{field}={v} must lie in [0, 1) (fraction pruned by that stage) or be unset"
+                )
         if self.batch_size < 1 or self.layer_clusters < 1 or self.global_clusters < 1:
             raise ValueError("batch_size, layer_clusters and global_clusters must be >= 1")
 
     # ------------------------------------------------------------------ clustering + counting
-    def _labels(self, V: np.ndarray, n: int) -> np.ndarray:
-        if n >= V.shape[0]:
-            return np.arange(V.shape[0])
-        if self.clustering == "kmeans":
-            from sklearn.cluster import KMeans
-
-            return KMeans(n_clusters=n, random_state=self.seed, n_init=10).fit(V).labels_
-        from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
-        from scipy.spatial.distance import pdist, squareform
-
-        if not self.ward_on_distances:
-            return fcluster(linkage(V, method="ward"), t=n, criterion="maxclust")
-        with warnings.catch_warnings():  # deliberate: the code's square matrix read as observations
-            warnings.simplefilter("ignore", ClusterWarning)
-            return fcluster(linkage(squareform(pdist(V)), method="ward"), t=n, criterion="maxclust")
-
     def _count(
-        self, feats: torch.Tensor, batches: list[torch.Tensor], n_clusters: int, rate: float, num_experts: int
-    ) -> torch.Tensor:
-        """``feats [N, M, H]`` (M candidate experts) -> ``[M]`` number of batches selecting each candidate."""
-        counts = torch.zeros(feats.shape[1], dtype=torch.float64)
-        for idx in batches:
-            V = feats[idx].permute(1, 0, 2).reshape(feats.shape[1], -1).numpy()  # [M, B*H]
-            labels = self._labels(V, n_clusters)
-            for lab in np.unique(labels):
-                members = np.flatnonzero(labels == lab)
-                if len(members) < 3:
-                    counts[members] += 1
-                    continue
-                dist = np.linalg.norm(V[members] - V[members].mean(0), axis=1)
-                n_sel = min(
-                    len(members), int(coefficient(len(members), num_experts) * (1 - rate) * len(members))
-                )
-                order = sorted(range(len(members)), key=lambda i: (dist[i], members[i]))
-                counts[members[order[:n_sel]]] += 1
+        self,
+        feats: torch.Tensor,
+        batches: list[torch.Tensor],
+        n_clusters: int,
+        rate: float,
+        num_experts: int,
+        overflow: list[int],
+    ) -> list[int]:
+        counts, n_inf = selection_counts(
+            feats,
+            batches,
+            n_clusters,
+            rate,
+            num_experts,
+            precision=self.precision,
+            clustering=self.clustering,
+            ward_on_distances=self.ward_on_distances,
+        )
+        overflow[0] += n_inf
         return counts
 
     def _batches(self, n: int) -> list[torch.Tensor]:
-        perm = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-            if self.shuffle
-            else torch.arange(n)
-        )
+        gen = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         return list(perm.split(self.batch_size))
+
+    # ------------------------------------------------------------------ rates and counts
+    def _rates(self, budget: Budget, two_stage: bool) -> tuple[float, float]:
+        """(layer rate, global rate): given verbatim, else derived from the target (module docstring)."""
+        s = 1 - budget.total_keep / sum(budget.num_experts.values())
+        lr, gr = self.layer_rate, self.global_rate
+        if not two_stage:
+            if gr not in (None, 0.0):
+                raise ValueError(
+                    f"cprune: global_rate={gr} needs allocation='method' (or 'global'); "
+                    "allocation='uniform' runs the layer stage alone"
+                )
+            return (s if lr is None else lr), 0.0
+        if lr is None and gr is None:
+            r = round(1 - math.sqrt(1 - s), 12)
+            return r, r
+        if lr is not None and gr is not None:
+            return lr, gr
+        other = round(1 - (1 - s) / (1 - (lr if gr is None else gr)), 12)
+        if other < 0:
+            given = f"layer_rate={lr}" if gr is None else f"global_rate={gr}"
+            raise ValueError(
+                f"cprune: {given} alone prunes more than the target's fraction {s:.4f}; lower it, "
+                "give both rates, or leave both unset"
+            )
+        return (lr, other) if gr is None else (other, gr)
+
+    def _layer_counts(self, budget: Budget, lr: float, two_stage: bool) -> dict[int, int]:
+        out = {}
+        for li in budget.layers:
+            E, floor = budget.num_experts[li], budget.floors[li]
+            derived_uniform = not two_stage and self.layer_rate is None
+            n = E - budget.uniform_keep[li] if derived_uniform else int(lr * E)
+            if n > E - floor:
+                if not self.respect_floors:
+                    raise ValueError(
+                        f"cprune: layer {li}: the layer stage would prune {n} of {E} experts, leaving fewer than "
+                        f"its floor {floor} (top_k / min_keep); lower layer_rate or set respect_floors=True"
+                    )
+                n = E - floor
+            out[li] = n
+        return out
+
+    def _global_lists(
+        self,
+        counts: list[int],
+        pool: list[tuple[int, int]],
+        n_global: int,
+        n_layer: dict[int, int],
+        lr: float,
+        budget: Budget,
+    ) -> tuple[dict[int, list[int]], dict]:
+        """Global-stage removals per layer (in prune order) and what the cap / floors cut."""
+        order = prune_order(counts, pool, self.ties)
+        out: dict[int, list[int]] = {li: [] for li in budget.layers}
+        info: dict[str, dict[str, int]] = {}
+        if self.global_stage == "exact":  # lowest counts, skipping layers at their floor, exactly n_global
+            left = {li: budget.num_experts[li] - n_layer[li] for li in budget.layers}
+            for i in order:
+                if sum(map(len, out.values())) == n_global:
+                    break
+                li, e = pool[i]
+                if left[li] > budget.floors[li]:
+                    out[li].append(e)
+                    left[li] -= 1
+            return out, info
+        for i in order[:n_global]:
+            out[pool[i][0]].append(pool[i][1])
+        for li in budget.layers:
+            cap = reference_cap(n_layer[li], lr)
+            if cap is not None and len(out[li]) + n_layer[li] > cap and len(out[li]) > cap:
+                info.setdefault("global_capped", {})[str(li)] = len(out[li]) - cap
+                out[li] = out[li][:cap]
+            room = budget.num_experts[li] - n_layer[li] - budget.floors[li]
+            if len(out[li]) > room:
+                if not self.respect_floors:
+                    raise ValueError(
+                        f"cprune: layer {li} would keep {budget.num_experts[li] - n_layer[li] - len(out[li])} "
+                        f"experts, below its floor {budget.floors[li]} (top_k / min_keep): the reference code "
+                        f"prunes {n_layer[li]} there layer-wise and {len(out[li])} globally; set "
+                        "respect_floors=True, lower global_rate / the target, or use global_stage='exact'"
+                    )
+                info.setdefault("floor_cut", {})[str(li)] = len(out[li]) - room
+                out[li] = out[li][:room]
+        return out, info
+
+    def _layer_stage(
+        self,
+        feats: dict[int, torch.Tensor],
+        batches: list[torch.Tensor],
+        n_layer: dict[int, int],
+        lr: float,
+        ne: dict[int, int],
+        overflow: list[int],
+    ) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
+        """Per layer: kept ids after pruning the ``n_layer`` lowest selection counts; selection frequency."""
+        keep, freq = {}, {}
+        for li, f in feats.items():
+            c = self._count(f, batches, self.layer_clusters, lr, ne[li], overflow)
+            freq[li] = torch.tensor(c, dtype=torch.float64) / len(batches)  # [E]
+            gone = set(prune_order(c, [(li, e) for e in range(ne[li])], self.ties)[: n_layer[li]])
+            keep[li] = [e for e in range(ne[li]) if e not in gone]
+        return keep, freq
 
     # ------------------------------------------------------------------ plan
     def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
         budget = target.resolve(stats)
-        layers = list(budget.layers)
-        ne, floors = budget.num_experts, budget.floors
+        layers, ne = list(budget.layers), budget.num_experts
         feats = {li: stats.get(li, "sentence_out").double() for li in layers}  # [N, E, H]
         n_samples = {f.shape[0] for f in feats.values()}
         if len(n_samples) != 1:
             raise ValueError(f"sentence_out holds different sample counts per layer: {sorted(n_samples)}")
-        batches = self._batches(n_samples.pop())
-        total = sum(ne.values())
+        batches, overflow = self._batches(n_samples.pop()), [0]
         two_stage = target.allocation != "uniform"
-        if not two_stage:
-            n_layer = {li: ne[li] - budget.uniform_keep[li] for li in layers}
-            n_global = 0
-        else:
-            n_prune = total - budget.total_keep
-            r = self.layer_rate if self.layer_rate is not None else 1 - math.sqrt(1 - n_prune / total)
-            n_layer = {li: min(math.floor(r * ne[li] + 1e-9), ne[li] - floors[li]) for li in layers}
-            n_global = n_prune - sum(n_layer.values())
+        lr, gr = self._rates(budget, two_stage)
+        n_layer = self._layer_counts(budget, lr, two_stage)
+        keep, freq = self._layer_stage(feats, batches, n_layer, lr, ne, overflow)
+        total, n_prune = sum(ne.values()), sum(ne.values()) - budget.total_keep
+        n_global = 0
+        if two_stage:
+            pool = [(li, e) for li in layers for e in keep[li]]
+            n_global = (
+                n_prune - sum(n_layer.values()) if self.global_stage == "exact" else int(gr * len(pool))
+            )
             if n_global < 0:
                 raise ValueError(
-                    f"cprune: layer_rate={r} prunes {sum(n_layer.values())} experts in the layer stage, "
-                    f"more than the target's {n_prune}; lower layer_rate or leave it unset"
+                    f"cprune: the layer stage prunes {sum(n_layer.values())} experts, more than the "
+                    f"target's {n_prune}; lower layer_rate or leave it unset"
                 )
-        keep, freq = {}, {}
-        for li in layers:
-            c = self._count(feats[li], batches, self.layer_clusters, n_layer[li] / ne[li], ne[li])
-            freq[li] = c / len(batches)
-            keep[li] = sorted(ranked(c)[: ne[li] - n_layer[li]])
         meta = {
             "allocation": "two_stage" if two_stage else "uniform",
+            "layer_rate": lr,
+            "global_rate": gr,
             "layer_stage_pruned": {str(li): n_layer[li] for li in layers},
-            "global_stage_pruned": n_global,
         }
         if n_global > 0:
-            pool = [(li, e) for li in layers for e in keep[li]]
             pooled = torch.cat([feats[li][:, keep[li]] for li in layers], dim=1)  # [N, sum R_l, H]
-            rate = n_global / len(pool)
-            c = self._count(pooled, batches, self.global_clusters, rate, max(ne.values()))
-            vals = c.tolist()
-            order = sorted(
-                range(len(pool)), key=lambda i: (vals[i], -pool[i][0], -pool[i][1])
-            )  # lowest first
-            left, removed = {li: len(keep[li]) for li in layers}, set()
-            for i in order:
-                if len(removed) == n_global:
-                    break
-                li, e = pool[i]
-                if left[li] > floors[li]:
-                    removed.add((li, e))
-                    left[li] -= 1
-            keep = {li: [e for e in keep[li] if (li, e) not in removed] for li in layers}
-            meta["global_counts"] = {f"{li}:{e}": vals[i] for i, (li, e) in enumerate(pool)}
-        keep, ginfo = balance_groups(stats, keep, freq, floors)
+            c = self._count(pooled, batches, self.global_clusters, gr, max(ne.values()), overflow)
+            removed, info = self._global_lists(c, pool, n_global, n_layer, lr, budget)
+            keep = {li: [e for e in keep[li] if e not in set(removed[li])] for li in layers}
+            meta.update(info, global_counts={f"{li}:{e}": v for (li, e), v in zip(pool, c)})
+        meta["global_stage_pruned"] = total - sum(map(len, keep.values())) - sum(n_layer.values())
+        self._report(meta, total, keep, budget, overflow[0])
+        keep, ginfo = balance_groups(stats, keep, freq, budget.floors)
         return build_plan(
             stats,
             keep,
@@ -190,3 +280,26 @@ class CPrune(MethodConfig):
             scores=freq,
             meta={**meta, **ginfo},
         )
+
+    def _report(
+        self, meta: dict, total: int, keep: dict[int, list[int]], budget: Budget, overflow: int
+    ) -> None:
+        """Record the achieved sparsity (and fp16 overflow); warn where they deserve attention."""
+        kept = sum(map(len, keep.values()))
+        meta["achieved_expert_sparsity"] = 1 - kept / total
+        meta["target_expert_sparsity"] = 1 - budget.total_keep / total
+        if kept != budget.total_keep:
+            warnings.warn(
+                f"cprune: the code's counting (layer_rate={meta['layer_rate']}, global_rate="
+                f"{meta['global_rate']}) keeps {kept} of {total} experts (sparsity "
+                f"{meta['achieved_expert_sparsity']:.4f}); the target asks {budget.total_keep} "
+                f"({meta['target_expert_sparsity']:.4f}); global_stage='exact' hits the target",
+                stacklevel=3,
+            )
+        if overflow:
+            meta["fp16_inf_distances"] = overflow
+            warnings.warn(
+                f"cprune: {overflow} distances overflowed fp16 (inf, as in the reference code; ties "
+                "then go to the lower id); precision='float64' avoids it",
+                stacklevel=3,
+            )

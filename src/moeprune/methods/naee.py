@@ -2,10 +2,13 @@
 
 For each MoE layer every keep set ``K`` of size ``r`` (drop set of size ``E - r``) is scored on the cached
 calibration tokens: route them with only ``K`` available, reconstruct the routed output
-``Y'_t = sum_{j in topk'(t)} g'_{j,t} f_j(x_t)`` from ``recon_expert_out [T, E, H]`` and measure
-``||Y - Y'||_F`` (float64) against ``recon_target [T, H]``; the argmin is kept (the first keep set in
-lexicographic order on ties). The paper sums per-batch Frobenius norms; over one cache of tokens the
-argmin is the same.
+``Y'_t = sum_{j in topk'(t)} g'_{j,t} f_j(x_t)`` from ``recon_expert_out [T, E, H]`` and, as the reference
+(Lucky-Lance/Expert_Sparsity ``enumerate``), sum over calibration batches ``b`` (``recon_batch``) the
+per-batch Frobenius norms ``loss(K) = sum_b ||Y_b - Y'_b||_F`` (float64) against ``recon_target [T, H]``;
+the argmin is kept (the first keep set in lexicographic order on ties). ``loss="pooled"`` instead takes one
+norm over all cached tokens (moeprune's former loss; same argmin only with one batch). observe caches every
+token by default (the reference's choice); a token subsample (``recon_tokens``, or the ``recon_max_gb``
+memory bound) is recorded in ``stats.meta["recon"]`` and copied into ``plan.meta["recon_cache"]``.
 
 Routing simulation (``stats.meta["router"][l]`` and ``["n_group"][l]``), equal to pruning the router rows:
 ``softmax`` routers take the softmax over the kept logits (dropped = -inf), ``sigmoid`` routers keep the
@@ -92,29 +95,61 @@ def route(
     return torch.zeros_like(p).scatter(-1, idx, w)  # [T, E_router]
 
 
-def reconstruction_loss_fn(stats: ExpertStats, layer: int):
-    """``keep -> ||Y - Y'_K||_F`` on the cached tokens of ``layer`` when only ``keep`` is routable."""
-    logits = stats.get(layer, "recon_logits").double()  # [T, E_router]
-    out = stats.get(layer, "recon_expert_out").double()  # [T, E, H]
-    target = stats.get(layer, "recon_target").double()  # [T, H]
+LOSSES = ("batch_sum", "pooled")
+CHUNK_ELEMENTS = 1 << 24  # float64 [n, E, H] chunk of the cached expert outputs (128 MiB)
+
+
+def batch_index(stats: ExpertStats, layer: int) -> tuple[torch.Tensor, int]:
+    """``[T]`` dense batch ids (0..B-1) of the cached tokens and B; statistics saved before ``recon_batch``
+    existed count as one batch."""
+    b = stats.layers[layer].get("recon_batch")
+    n = stats.get(layer, "recon_target").shape[0]
+    if b is None:
+        return torch.zeros(n, dtype=torch.long), 1
+    uniq, inv = torch.unique(b.long(), return_inverse=True)
+    return inv, int(uniq.numel())
+
+
+def batch_sq_error_fn(stats: ExpertStats, layer: int):
+    """``keep -> [B]`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch when only ``keep`` is routable."""
+    logits = stats.get(layer, "recon_logits")  # [T, E_router]
+    out = stats.get(layer, "recon_expert_out")  # [T, E, H], float32 (float64 models: float64)
+    target = stats.get(layer, "recon_target")  # [T, H]
+    bid, nb = batch_index(stats, layer)  # [T]
     top_k, router = layer_top_k(stats, layer), layer_meta(stats, "router", layer, {})
     groups = group_layout(stats, layer)
     x = stats.layers[layer].get("recon_input")  # [T, H], only with identity experts
-    x = x.double() if x is not None else None
     bias = stats.layers[layer].get("selection_bias")  # absent in statistics saved before it existed
     if bias is not None:
         bias = torch.where(torch.isfinite(bias), bias, torch.zeros_like(bias)).double()
+    E, T = out.shape[1], out.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, E * out.shape[2]))
 
-    def loss(keep) -> float:
-        mask = torch.zeros(out.shape[1], dtype=torch.bool)
+    def sq_err(keep) -> torch.Tensor:
+        mask = torch.zeros(E, dtype=torch.bool)
         mask[list(keep)] = True
-        w = route(logits, mask, top_k, router, groups, bias)  # [T, E_router]
-        approx = torch.einsum("te,teh->th", w[:, : out.shape[1]], out)
-        if x is not None:  # identity experts add their gate times the block input
-            approx = approx + w[:, out.shape[1]:].sum(-1, keepdim=True) * x
-        return float(torch.linalg.norm(target - approx))
+        w = route(logits, mask, top_k, router, groups, bias)  # [T, E_router] float64
+        sq = torch.zeros(nb, dtype=torch.float64)
+        for lo in range(0, T, step):  # float64 in chunks: the cache stays float32
+            sl = slice(lo, lo + step)
+            approx = torch.einsum("te,teh->th", w[sl, :E], out[sl].double())  # [t, H]
+            if x is not None:  # identity experts add their gate times the block input
+                approx = approx + w[sl, E:].sum(-1, keepdim=True) * x[sl].double()
+            sq.index_add_(0, bid[sl], (target[sl].double() - approx).pow(2).sum(-1))
+        return sq
 
-    return loss
+    return sq_err
+
+
+def reconstruction_loss_fn(stats: ExpertStats, layer: int, loss: str = "batch_sum"):
+    """``keep -> loss`` on the cached tokens of ``layer`` when only ``keep`` is routable: ``batch_sum`` =
+    ``sum_b ||Y_b - Y'_b||_F`` (the reference), ``pooled`` = ``||Y - Y'||_F`` over all cached tokens."""
+    if loss not in LOSSES:
+        raise ValueError(f"naee loss={loss!r}; choose one of {list(LOSSES)}")
+    sq_err = batch_sq_error_fn(stats, layer)
+    if loss == "pooled":
+        return lambda keep: float(sq_err(keep).sum().sqrt())
+    return lambda keep: float(sq_err(keep).sqrt().sum())
 
 
 def keep_sets(E: int, r: int, groups: tuple[int, int] | None, top_k: int):
@@ -142,13 +177,23 @@ def n_keep_sets(E: int, r: int, groups: tuple[int, int] | None, top_k: int) -> i
 @register_method("naee")
 @dataclass(frozen=True)
 class NAEE(MethodConfig):
-    """Layer-wise exhaustive search of the keep set minimising the block-output reconstruction error."""
+    """Layer-wise exhaustive search of the keep set minimising the block-output reconstruction error.
+
+    ``loss``: ``batch_sum`` (default, the reference: sum of per-batch Frobenius norms) or ``pooled`` (one
+    norm over every cached token)."""
 
     max_combinations: int = 5000
     fidelity_tol: float = 1e-3
     progress: bool = True
+    loss: str = "batch_sum"
 
     needs: ClassVar[tuple[str, ...]] = ("routed", "reconstruction")
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"naee loss={self.loss!r}; choose one of {list(LOSSES)} (batch_sum = the reference)")
+        if int(self.max_combinations) != self.max_combinations or self.max_combinations < 1:
+            raise ValueError(f"max_combinations={self.max_combinations} must be a positive integer")
 
     def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
         if target.allocation == "global":
@@ -172,9 +217,9 @@ class NAEE(MethodConfig):
                     f"max_combinations={self.max_combinations}; raise max_combinations or use a "
                     "scoring method (reap, man, easyep) for models with many experts"
                 )
-            loss_fn = reconstruction_loss_fn(stats, li)
+            loss_fn = reconstruction_loss_fn(stats, li, self.loss)
             ynorm = float(torch.linalg.norm(stats.get(li, "recon_target").double()))
-            fidelity[str(li)] = loss_fn(range(E)) / max(ynorm, 1e-300)
+            fidelity[str(li)] = float(batch_sq_error_fn(stats, li)(range(E)).sum().sqrt()) / max(ynorm, 1e-300)
             if fidelity[str(li)] > self.fidelity_tol:
                 logger.warning(
                     "naee layer %d: the routing simulation misses the observed routed output by %.3g (relative) "
@@ -197,7 +242,11 @@ class NAEE(MethodConfig):
             # score = -(smallest loss of any keep set containing the expert): kept experts score highest
             fin = seen[torch.isfinite(seen)]
             scores[li] = -torch.where(torch.isfinite(seen), seen, fin.max() if fin.numel() else 0.0)
-        meta = {"allocation": "uniform", "recon_loss": losses, "recon_fidelity": fidelity}
+        meta = {"allocation": "uniform", "recon_loss": losses, "recon_fidelity": fidelity,
+                "recon_cache": stats.meta.get("recon")}  # tokens cached, memory bound, estimate (None: unknown)
+        if (stats.meta.get("recon") or {}).get("subsampled"):
+            logger.warning("naee: statistics cache a token subsample (%s), not every token as the reference",
+                           stats.meta["recon"])
         return build_plan(
             stats, keep, target, method=self.name, method_config=self.to_dict(), scores=scores, meta=meta
         )

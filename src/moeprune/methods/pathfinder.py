@@ -2,8 +2,7 @@
 
 Per calibration sample the model is a layered DAG (code-faithful to xicyang/MoE-Pruning@121e214):
 ``router_l -> expert_{l,i}`` weighs ``r_i`` (mean full-softmax router probability), the expert node
-weighs ``e_i = softmax(-L / tau)`` over the layer's enabled experts (``L_i`` = loss of keeping only
-expert ``i``), ``expert_{l,i} -> router_{l+1}`` weighs ``a_i`` (mean un-gated output norm, all tokens);
+weighs the importance ``e_i`` (below) of its loss ``L_i`` (loss of keeping only expert ``i``), ``expert_{l,i} -> router_{l+1}`` weighs ``a_i`` (mean un-gated output norm, all tokens);
 so consecutive experts are linked by the transition intensity ``a_i^(l) r_j^(l+1)``. Path weights are
 sums of ``log(w + 1e-10)``. The ``m`` best paths per sample come from an exact DP
 (``pathfinder_dp``) and are aggregated over samples to the target budget (``pathfinder_agg``).
@@ -12,12 +11,21 @@ Outliers (code only, per sample and layer, IQR with multiplier 3 on loss and nor
 small loss / large norm -> force-keep, large loss / small norm -> force-remove (keep wins); both leave
 the graph (softmax and paths), force-kept experts are re-added at aggregation.
 
+Importance (default ``importance="reference"``, exactly the code's float64 formula):
+``e_i = exp(-L_i / tau) / max(sum_{enabled j} exp(-L_j / tau), 1e-10)``, no max subtraction. Once every
+``L`` of a layer exceeds ~50 (typical: ``L`` grows with sqrt(tokens x hidden size)) the clamp makes
+``log(e + 1e-10)`` the same for every expert (exactly from ``L`` ~ 82), so the importance term drops out and
+the plan equals the ``ablation="ti_only"`` plan; this is what the reference computes. Options:
+``importance="stable_softmax"`` (max-subtracted softmax: never flat, the lowest-``L`` expert gets up to a
+~23-nat bonus, making the path choice nearly one-hot) and ``l_norm`` (``"relative"``: ``L / ||Y||_F``;
+``"rms"``: ``L / sqrt(T H)``), which rescale ``L`` before the formula so it stays informative at any size.
+
 Deliberate differences from the reference code (documented, all off the common path):
-* ``e`` is a numerically stable softmax (the code's ``exp(-L)`` underflows to 0 for ``L > 745``);
 * per-layer floors ``>= top_k`` (``Target.floors``) are guaranteed: each layer first gets its best
   ``floor`` experts (force-kept, then by path frequency), then the global fill runs;
 * force-kept experts never push the plan past the budget: they come first in the fill order (most
-  samples first) and the lowest are dropped if they alone exceed it (the code keeps them all).
+  samples first) and the lowest are dropped if they alone exceed it (the code keeps them all);
+* exactly tied paths are ordered by their expert tuple (the code keeps insertion order).
 Option ``tie_break="spread"`` (not in the paper/code) deals equal-frequency slots over layers instead
 of the code's lower-layer-first order, which at E * layers >> m * samples fills whole early layers.
 """
@@ -34,6 +42,15 @@ from tqdm.auto import tqdm
 from moeprune.methods.allocation import balance_groups
 from moeprune.methods.pathfinder_agg import AGGREGATES, aggregate_paths, check_allocation
 from moeprune.methods.pathfinder_dp import one_thread, topm_paths, unique_paths
+from moeprune.methods.pathfinder_score import (  # noqa: F401  (GUARD, SUM_FLOOR, iqr_outliers: public here)
+    GUARD,
+    IMPORTANCES,
+    L_NORMS,
+    SUM_FLOOR,
+    iqr_outliers,
+    node_importance,
+    normalised_loss,
+)
 from moeprune.methods.registry import MethodConfig, register_method
 from moeprune.methods.target import layer_meta
 
@@ -44,39 +61,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GUARD = 1e-10  # the reference code's log guard: log(w + 1e-10)
 TIE_BREAKS = ("layer", "spread")
 ABLATIONS = (None, "ti_only", "is_only")
-
-
-def iqr_outliers(loss: torch.Tensor, norm: torch.Tensor, loss_mult: float = 3.0, norm_mult: float = 3.0,
-                 min_values: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(force_keep [E], force_remove [E])`` of one layer and sample by the reference IQR rule.
-
-    Bounds ``Q1 - k IQR, Q3 + k IQR`` with linearly interpolated quartiles, only with ``>= min_values``
-    values and ``IQR > 1e-12``. Loss below / norm above the bounds keeps, loss above / norm below removes;
-    an expert marked both ways is kept."""
-    keep = torch.zeros(loss.numel(), dtype=torch.bool)
-    remove = torch.zeros_like(keep)
-    for vals, mult, low_keeps in ((loss, loss_mult, True), (norm, norm_mult, False)):
-        v = vals.to(torch.float64)
-        if v.numel() < max(min_values, 4):
-            continue
-        q1, q3 = torch.quantile(v, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
-        if q3 - q1 <= 1e-12:
-            continue
-        lo, hi = v < q1 - mult * (q3 - q1), v > q3 + mult * (q3 - q1)
-        keep |= lo if low_keeps else hi
-        remove |= hi if low_keeps else lo
-    return keep, remove & ~keep
-
-
-def node_importance(loss: torch.Tensor, enabled: torch.Tensor, tau: float) -> torch.Tensor:
-    """``e = softmax(-L / tau)`` over the enabled experts, 0 elsewhere ``[E]``."""
-    if not bool(enabled.any()):
-        return torch.zeros_like(loss, dtype=torch.float64)
-    z = (-loss.to(torch.float64) / tau).masked_fill(~enabled, float("-inf"))
-    return torch.softmax(z, 0)
 
 
 @register_method("pathfinder")
@@ -87,6 +73,9 @@ class Pathfinder(MethodConfig):
     (paper: keep every expert on a selected path; the budget is ignored, floors kept) or
     ``"adaptive"`` (code's unique-path branch: largest k whose path union fits, then fill).
     ``ablation``: ``"ti_only"`` sets importance e := 1, ``"is_only"`` transition intensity := 1.
+    ``importance``: ``"reference"`` (code's formula, flat once all L of a layer exceed ~50) or
+    ``"stable_softmax"``; ``l_norm``: None (code), ``"relative"`` or ``"rms"`` (see ``normalised_loss``;
+    the IQR outlier rule always sees the raw L, as in the code, and is invariant to the rescaling).
     ``max_samples``: first samples used (code ``path_limit`` 25; None = all). ``tie_break``: order of
     experts with equal frequency (most have 0 when E * layers >> m * samples): ``"layer"`` (code: lower
     layer first, which can fill whole early layers) or ``"spread"`` (round-robin over layers, each
@@ -106,18 +95,24 @@ class Pathfinder(MethodConfig):
     unique_paths: bool = False
     max_samples: int | None = 25
     tie_break: str = "layer"
+    importance: str = "reference"
+    l_norm: str | None = None
 
     def __post_init__(self):
         if int(self.m) != self.m or self.m < 1:
             raise ValueError(f"m={self.m} must be a positive integer (paths kept per calibration sample)")
         if not self.tau > 0:
-            raise ValueError(f"tau={self.tau} must be > 0 (temperature of softmax(-loss / tau))")
+            raise ValueError(f"tau={self.tau} must be > 0 (temperature of exp(-loss / tau))")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate={self.aggregate!r}; choose one of {list(AGGREGATES)}")
         if self.ablation not in ABLATIONS:
             raise ValueError(f"ablation={self.ablation!r}; choose one of {list(ABLATIONS)}")
         if self.tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break={self.tie_break!r}; choose one of {list(TIE_BREAKS)}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance={self.importance!r}; choose one of {list(IMPORTANCES)}")
+        if self.l_norm not in L_NORMS:
+            raise ValueError(f"l_norm={self.l_norm!r}; choose one of {list(L_NORMS)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples={self.max_samples} must be >= 1 or None (all samples)")
 
@@ -160,7 +155,8 @@ class Pathfinder(MethodConfig):
             else:
                 fk[li] = fr[li] = torch.zeros(loss.numel(), dtype=torch.bool)
             enabled.append(~(fk[li] | fr[li]))
-            e.append(node_importance(loss, enabled[-1], self.tau))
+            e.append(node_importance(normalised_loss(stats, li, s, self.l_norm), enabled[-1], self.tau,
+                                     self.importance))
         source, edges, sink, pos = self._graph(stats, layers, s, e, enabled, ctx)
         if self.unique_paths:
             _, nodes = unique_paths(source, edges, sink, self.m, layers=pos)
@@ -220,7 +216,8 @@ class PathfinderCoroute(Pathfinder):
     ``r_{j_0} * prod_l P(j_{l+1} | j_l) * prod_l e_{j_l}`` (a Markov route probability times the node
     importances), found by the general (non-separable) DP. Transitions are calibration-set totals;
     ``r`` and ``e`` are per sample. ``ablation="is_only"`` drops ``r`` and ``P``; ``"ti_only"``
-    drops ``e``."""
+    drops ``e``. With the default (reference) importance, flat once every L exceeds ~50, the measured
+    transitions decide the paths; ``importance="stable_softmax"`` lets ``e`` dominate them instead."""
 
     needs = ("paths", "transitions")
     smoothing: float = 1.0

@@ -7,6 +7,8 @@ decide allocation themselves (Pathfinder, C-Prune, NAEE, TENP) override ``plan``
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
     from moeprune.observe.stats import ExpertStats
     from moeprune.plan import PruningPlan
 
-METHODS: dict[str, type["MethodConfig"]] = {}
+METHODS: dict[str, type[MethodConfig]] = {}
 
 
 def register_method(name: str):
@@ -27,10 +29,57 @@ def register_method(name: str):
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
         cls.name = name
+        cls.__init__ = _typed_init(cls.__init__)
         METHODS[name] = cls
         return cls
 
     return deco
+
+
+@functools.cache
+def _adapters(cls: type) -> dict[str, Any]:
+    """Strict pydantic validators of a method config's fields, from their annotations."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: TypeAdapter(hints[f.name], config=ConfigDict(strict=True)) for f in dataclasses.fields(cls)}
+
+
+def check_option_types(cls: type, values: dict[str, Any]) -> None:
+    """Refuse option values whose type does not match the field's annotation (strict: ``"yes"`` is no bool,
+    ``True`` no int, ``"0.5"`` no float; an int is a valid float), before the method is ever used."""
+    from pydantic import ValidationError
+
+    adapters = _adapters(cls)
+    for key, val in values.items():
+        if key not in adapters:
+            continue
+        try:
+            adapters[key].validate_python(val)
+        except ValidationError:
+            ann = typing.get_type_hints(cls)[key]
+            want = getattr(ann, "__name__", None) or str(ann)
+            raise ValueError(f"method {cls.name!r}: option {key}={val!r} ({type(val).__name__}) must be {want}; "
+                             f"e.g. {key}={_example(dataclasses.fields(cls), key)!r}") from None
+
+
+def _example(fields, key: str) -> Any:
+    return next(f.default for f in fields if f.name == key)
+
+
+def _typed_init(init):
+    """Wrap a registered config's ``__init__`` so every construction checks the option types first."""
+    if getattr(init, "_typed", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(type(self))]
+        check_option_types(type(self), {**dict(zip(names, args)), **kwargs})
+        init(self, *args, **kwargs)
+
+    __init__._typed = True
+    return __init__
 
 
 @dataclass(frozen=True)
@@ -40,14 +89,21 @@ class MethodConfig:
     name: ClassVar[str] = "base"
     needs: ClassVar[tuple[str, ...]] = ("routed",)  # observe feature groups (see observe.stats.FEATURES)
 
-    def score(self, stats: "ExpertStats") -> dict[int, torch.Tensor]:
+    def score(self, stats: ExpertStats) -> dict[int, torch.Tensor]:
         """Per-layer importance ``[E]`` (higher = keep)."""
         raise NotImplementedError(f"method {self.name!r} plans directly and has no per-expert score")
 
-    def plan(self, stats: "ExpertStats", target: "Target") -> "PruningPlan":
+    def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
         from moeprune.methods.allocation import plan_from_scores
 
-        return plan_from_scores(stats, self.score(stats), target, method=self.name, method_config=self.to_dict())
+        scores = self.score(stats)
+        for li, s in scores.items():
+            bad = int(torch.isnan(s).sum())  # +inf is legitimate: the super-expert guard pins experts with it
+            if bad:
+                raise ValueError(f"method {self.name!r}: {bad} of {s.numel()} scores of layer {li} are NaN "
+                                 "(statistics with NaN, or a layer no token reached); re-run observe in float32 "
+                                 "with more calibration data")
+        return plan_from_scores(stats, scores, target, method=self.name, method_config=self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}

@@ -145,68 +145,55 @@ class Target:
 
         ``check=False`` skips the expert-count feasibility checks (for methods that remove no experts,
         e.g. TENP narrowing experts to a parameter budget)."""
+        common = self._common(stats)
+        if self.expert_sparsity is not None:
+            budget = self._expert_budget(common)
+        else:
+            budget = self._param_budget(stats, common)
+        if check:
+            self._check_kind(budget, stats)
+        return budget
+
+    def _common(self, stats: ExpertStats) -> dict[str, Any]:
+        """The per-layer facts every budget kind needs (``Budget`` fields shared by all kinds)."""
         layers = tuple(stats.moe_layers)
         if not layers:
             raise ValueError("stats hold no MoE layers")
-        ne = {li: stats.num_experts(li) for li in layers}
-        tk = {li: layer_top_k(stats, li) for li in layers}
-        floors = self.floors(stats)
         ep_meta = {li: layer_meta(stats, "expert_params", li) for li in layers}
-        ep = (
-            {li: float(v) for li, v in ep_meta.items()}
-            if all(v is not None for v in ep_meta.values())
-            else None
-        )
-        total_params = sum(ne[li] * ep[li] for li in layers) if ep else None
-        common = {
+        ep = {li: float(v) for li, v in ep_meta.items()} if all(v is not None for v in ep_meta.values()) else None
+        ne = {li: stats.num_experts(li) for li in layers}
+        return {
             "layers": layers,
             "num_experts": ne,
-            "top_k": tk,
-            "floors": floors,
-            "total_params": total_params,
+            "top_k": {li: layer_top_k(stats, li) for li in layers},
+            "floors": self.floors(stats),
+            "total_params": sum(ne[li] * ep[li] for li in layers) if ep else None,
             "expert_params": ep,
         }
 
-        if self.expert_sparsity is not None:
-            s = self.expert_sparsity
-            uk = {li: ne[li] - math.floor(s * ne[li] + _EPS) for li in layers}
-            total = sum(uk.values())
-            budget = Budget(
-                cost={li: 1.0 for li in layers},
-                unit="experts",
-                budget=float(total),
-                uniform_keep=uk,
-                total_keep=total,
-                param_budget=sum(uk[li] * ep[li] for li in layers) if ep else None,
-                **common,
-            )
-            if check:
-                self._check(
-                    budget,
-                    "expert_sparsity",
-                    s,
-                    lambda: min((ne[li] - floors[li]) / ne[li] for li in layers),
-                    "at most",
-                )
-            return budget
+    def _expert_budget(self, common: dict[str, Any]) -> Budget:
+        """``expert_sparsity``: ``floor(s * E_l)`` removed per layer, the same total for every allocation."""
+        layers, ne, ep = common["layers"], common["num_experts"], common["expert_params"]
+        s = self.expert_sparsity
+        uk = {li: ne[li] - math.floor(s * ne[li] + _EPS) for li in layers}
+        total = sum(uk.values())
+        return Budget(cost={li: 1.0 for li in layers}, unit="experts", budget=float(total), uniform_keep=uk,
+                      total_keep=total, param_budget=sum(uk[li] * ep[li] for li in layers) if ep else None,
+                      **common)
 
-        if ep is None:
-            if self.memory_gb is not None:
-                raise ValueError(
-                    "memory_gb needs stats.meta['expert_params'] (parameters per expert per layer); "
-                    "re-run observe, or use expert_sparsity / param_ratio"
-                )
-            ep_eff = {li: 1.0 for li in layers}  # param_ratio without sizes: all experts the same size
-        else:
-            ep_eff = ep
+    def _param_budget(self, stats: ExpertStats, common: dict[str, Any]) -> Budget:
+        """``param_ratio`` / ``memory_gb``: a routed-expert parameter budget ``b``."""
+        layers, ne, floors = common["layers"], common["num_experts"], common["floors"]
+        if common["expert_params"] is None and self.memory_gb is not None:
+            raise ValueError("memory_gb needs stats.meta['expert_params'] (parameters per expert per layer); "
+                             "re-run observe, or use expert_sparsity / param_ratio")
+        # param_ratio without sizes: all experts the same size
+        ep_eff = common["expert_params"] or {li: 1.0 for li in layers}
         total_p = sum(ne[li] * ep_eff[li] for li in layers)
         if self.param_ratio is not None:
             b = self.param_ratio * total_p
         else:
-            missing = [k for k in ("other_params", "dtype_bytes") if stats.meta.get(k) is None]
-            if missing:
-                raise ValueError(f"memory_gb needs stats.meta {missing}; re-run observe or use param_ratio")
-            other, nbytes = float(stats.meta["other_params"]), float(stats.meta["dtype_bytes"])
+            other, nbytes = _memory_meta(stats)
             b = self.memory_gb * 1e9 / nbytes - other
             if b <= 0:
                 raise ValueError(
@@ -221,39 +208,28 @@ class Target:
         for li in sorted(layers, key=lambda li: ep_eff[li]):  # most experts that fit, cheapest first
             n = min(ne[li], int((b - acc + _EPS) // ep_eff[li]))
             total_keep, acc = total_keep + n, acc + n * ep_eff[li]
-        budget = Budget(
-            cost=ep_eff,
-            unit="params",
-            budget=b,
-            uniform_keep=uk,
-            total_keep=total_keep,
-            param_budget=b,
-            **{**common, "total_params": total_p, "expert_params": ep_eff},
-        )
-        if not check:
-            return budget
-        if self.param_ratio is not None:
-            self._check(
-                budget,
-                "param_ratio",
-                self.param_ratio,
-                lambda: max(floors[li] / ne[li] for li in layers),
-                "at least",
-            )
+        return Budget(cost=ep_eff, unit="params", budget=b, uniform_keep=uk, total_keep=total_keep,
+                      param_budget=b, **{**common, "total_params": total_p, "expert_params": ep_eff})
+
+    def _check_kind(self, budget: Budget, stats: ExpertStats) -> None:
+        """Feasibility of ``budget`` with the limit message of the given budget kind."""
+        ne, floors, layers = budget.num_experts, budget.floors, budget.layers
+        if self.expert_sparsity is not None:
+            self._check(budget, "expert_sparsity", self.expert_sparsity,
+                        lambda: min((ne[li] - floors[li]) / ne[li] for li in layers), "at most")
+        elif self.param_ratio is not None:
+            self._check(budget, "param_ratio", self.param_ratio,
+                        lambda: max(floors[li] / ne[li] for li in layers), "at least")
         else:
-            nbytes, other = float(stats.meta["dtype_bytes"]), float(stats.meta["other_params"])
-            self._check(
-                budget,
-                "memory_gb",
-                self.memory_gb,
-                lambda: (
-                    (other + max(floors[li] / ne[li] for li in layers) * total_p) * nbytes / 1e9
-                    if self.allocation == "uniform"
-                    else (other + budget.min_cost) * nbytes / 1e9
-                ),
-                "at least",
-            )
-        return budget
+            other, nbytes = _memory_meta(stats)
+            total_p = budget.total_params
+
+            def limit() -> float:
+                if self.allocation == "uniform":
+                    return (other + max(floors[li] / ne[li] for li in layers) * total_p) * nbytes / 1e9
+                return (other + budget.min_cost) * nbytes / 1e9
+
+            self._check(budget, "memory_gb", self.memory_gb, limit, "at least")
 
     def _check(self, budget: Budget, name: str, value: float, uniform_limit, word: str) -> None:
         """Raise naming the value, the minimum that keeping the floors needs, and the fix."""
@@ -287,6 +263,14 @@ class Target:
             raise ValueError(
                 f"{name}={value} {have} in total, but {why} needs {need}; use {name} {word} {lim}"
             )
+
+
+def _memory_meta(stats: ExpertStats) -> tuple[float, float]:
+    """``(other_params, dtype_bytes)`` from the stats meta, which ``memory_gb`` needs."""
+    missing = [k for k in ("other_params", "dtype_bytes") if stats.meta.get(k) is None]
+    if missing:
+        raise ValueError(f"memory_gb needs stats.meta {missing}; re-run observe or use param_ratio")
+    return float(stats.meta["other_params"]), float(stats.meta["dtype_bytes"])
 
 
 def _fmt(x: float, word: str) -> str:

@@ -108,32 +108,66 @@ def _pick(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return t if m is None else t[m]
 
 
+# REAP (reference) gate conventions: p = softmax over every router output of the raw logits; "renorm" divides
+# by the sum of p over the token's routed slots and clamps at float32 eps (REAP pruning_metrics.py).
+REF_GATES = {"softmax": "softmax_gate", "renorm": "renorm_gate"}
+RENORM_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def reference_gates(rec: MoERecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[S]`` per-slot REAP gates: plain softmax over all router outputs, and that renormalised over the
+    token's routed experts. REAP applies softmax to the raw logits even for sigmoid routers; routers that
+    output probabilities (Gemma4, score ``probs``) are taken as they are (REAP has no such model)."""
+    bank = rec.bank
+    if bank.score == "softmax" and bank.router_width == bank.num_experts:
+        p = rec.probs  # the same softmax, already computed (and cached) for prob_sum
+    else:
+        z = fp(rec.logits)
+        p = z if bank.score == "probs" else torch.softmax(z, dim=-1)  # [T, W] W = router width (E + zero)
+    den = p.gather(1, rec.idx.long()).sum(-1)  # [T] sum of p over the token's routed experts
+    tok = rec.slot_token
+    ps = p[tok, rec.slot_expert.long()]  # [S]
+    return ps, (ps / den[tok]).clamp_min(RENORM_EPS)
+
+
 class RoutedAccumulator(Accumulator):
-    """Counts, gate and output-norm moments over routed tokens; full router probability over all tokens."""
+    """Counts, gate and output-norm moments over routed tokens (with the applied gate and with REAP's
+    reference gates), max activations; full router probability over all tokens."""
 
     group = "routed"
 
     def __init__(self, num_experts: int):
         e = (num_experts,)
-        super().__init__({"tokens": (), "count": e, "gate_sum": e, "norm_sum": e, "norm_sq_sum": e,
-                          "gate_norm_sum": e, "gate_norm_sq_sum": e, "max_act": e, "prob_sum": e})
+        names = ["tokens", "count", "gate_sum", "norm_sum", "norm_sq_sum", "gate_norm_sum", "gate_norm_sq_sum",
+                 "max_act", "max_act_signed", "prob_sum"]
+        names += [f"{g}{suffix}" for g in REF_GATES.values() for suffix in ("_sum", "_norm_sum", "_norm_sq_sum")]
+        super().__init__({n: (() if n == "tokens" else e) for n in names})
         self.num_experts = num_experts
+
+    def _gate_moments(self, prefix: str, ids: torch.Tensor, g: torch.Tensor, n: torch.Tensor) -> None:
+        self._index_add(f"{prefix}_sum", ids, g)
+        self._index_add(f"{prefix}_norm_sum", ids, g * n)
+        self._index_add(f"{prefix}_norm_sq_sum", ids, (g * n) ** 2)
 
     def update(self, rec: MoERecord) -> None:
         self._to(rec.idx.device)
         f = rec.slot_out  # [S, H]
         nrm = torch.linalg.vector_norm(fp(f), dim=-1)  # [S]
-        amax = fp(torch.maximum(f.amax(-1), -f.amin(-1)))  # [S] max_i |f_i| (2 reductions beat aminmax)
+        top, bottom = f.amax(-1), f.amin(-1)  # [S] signed max element and min element of each f
+        amax = fp(torch.maximum(top, -bottom))  # [S] max_i |f_i| (2 reductions beat aminmax)
         m = _routed_slots(rec, self.num_experts)
-        ids, g, n, a = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax))
-        g, n, a = g.double(), n.double(), a.double()
+        g_soft, g_renorm = reference_gates(rec)
+        ids, g, n, a, s, gs, gr = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax, fp(top),
+                                                          g_soft, g_renorm))
+        g, n = g.double(), n.double()
         self._index_add("count", ids, torch.ones_like(g))
-        self._index_add("gate_sum", ids, g)
         self._index_add("norm_sum", ids, n)
         self._index_add("norm_sq_sum", ids, n * n)
-        self._index_add("gate_norm_sum", ids, g * n)
-        self._index_add("gate_norm_sq_sum", ids, (g * n) ** 2)
-        self._state["max_act"].scatter_reduce_(0, ids, a, "amax")
+        self._gate_moments("gate", ids, g, n)
+        self._gate_moments(REF_GATES["softmax"], ids, gs.double(), n)
+        self._gate_moments(REF_GATES["renorm"], ids, gr.double(), n)
+        self._state["max_act"].scatter_reduce_(0, ids, a.double(), "amax")
+        self._state["max_act_signed"].scatter_reduce_(0, ids, s.double(), "amax")  # state starts at 0: floor 0
         vi = rec.valid_index
         self._state["prob_sum"] += _sel(rec.probs, vi).double().sum(0)
         self._state["tokens"] += float(rec.x.shape[0] if vi is None else vi.numel())
@@ -227,14 +261,15 @@ def _token_chunks(n: int, per_token: int):
 class PathsAccumulator(Accumulator):
     """MoE Pathfinder per sample: mean router probability r, mean ||f_j|| over ALL tokens a (every expert
     runs on every token), and the single-expert reconstruction loss ``L_j = ||Y - c_j f_j(X)||_F`` where
-    ``Y`` is the routed output and ``c_j`` the gate expert j alone would get (``ExpertBank.solo_gate``)."""
+    ``Y`` is the routed output and ``c_j`` the gate expert j alone would get (``ExpertBank.solo_gate``);
+    ``||Y||_F`` per sample normalises ``L`` (Pathfinder ``l_norm="relative"``)."""
 
     group = "paths"
 
     def __init__(self, num_experts: int):
         e = (num_experts,)
         super().__init__({"sample_tokens": (), "sample_prob_mean": e, "sample_norm_mean": e,
-                          "sample_recon_loss": e})
+                          "sample_recon_loss": e, "sample_out_norm": ()})
         self.num_experts = num_experts
 
     def update(self, rec: MoERecord) -> None:
@@ -255,6 +290,9 @@ class PathsAccumulator(Accumulator):
         self._cat("sample_prob_mean", psum[keep] / n)
         self._cat("sample_norm_mean", norm[keep] / n)
         self._cat("sample_recon_loss", sq[keep].sqrt())
+        ysq = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
+        ysq.index_add_(0, rows, fp(y).double().pow(2).sum(-1))
+        self._cat("sample_out_norm", ysq[keep].sqrt())
 
 
 class ClusterAccumulator(Accumulator):
@@ -290,37 +328,55 @@ def selection_bias(block) -> torch.Tensor:
 
 
 class ReconstructionAccumulator(Accumulator):
-    """NAEE: router logits, every expert's output and the routed output on a seeded token subsample
-    (``tokens_per_batch`` valid tokens per batch; the choice depends only on seed and batch index, so it
-    is the same in the full, layer-wise and distributed runs)."""
+    """NAEE: router logits, every expert's output, the routed output and the batch index of cached tokens.
+
+    ``tokens_per_batch=None`` (default, as the reference) caches every valid token; an int caches a seeded
+    subsample of that many valid tokens per batch (the choice depends only on seed and batch index, so it is
+    the same in the full, layer-wise and distributed runs). Values are stored in float32 (exact for bf16 /
+    fp16 / fp32 models; float64 for float64 inputs) to halve memory; NAEE's losses are float64."""
 
     group = "reconstruction"
 
-    def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int = 16,
+    def __init__(self, num_experts: int, router_width: int, hidden_size: int, tokens_per_batch: int | None = None,
                  seed: int = 0):
         shapes = {"recon_logits": (router_width,), "recon_expert_out": (num_experts, hidden_size),
-                  "recon_target": (hidden_size,), "selection_bias": (router_width,)}
+                  "recon_target": (hidden_size,), "recon_batch": (), "selection_bias": (router_width,)}
         if router_width > num_experts:  # LongCat identity experts output their input
             shapes["recon_input"] = (hidden_size,)
         super().__init__(shapes)
         self._state["selection_bias"] = torch.full((router_width,), float("-inf"), dtype=torch.float64)
-        if tokens_per_batch < 1:
-            raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
+        if tokens_per_batch is not None and tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1 (or None: every token)")
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
+
+    def _cat(self, name: str, value: torch.Tensor) -> None:
+        self._parts[name].append(value.detach().to("cpu", torch.int64 if name == "recon_batch" else self._dt))
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> Accumulator:
+        """As the base, but cached rows keep their stored precision (float32 / float64 / int64)."""
+        super().load_state_dict(sd)
+        for n in self._parts:
+            self._parts[n] = [sd[n].cpu()] if sd[n].shape[0] else []
+        return self
 
     def update(self, rec: MoERecord) -> None:
         if torch.isneginf(self._state["selection_bias"]).any():  # not read yet: the bias is fixed, read it once,
             # while the layer is live (layer-wise runs onload it only for its forward); "max" merges ranks
             self._state["selection_bias"] = selection_bias(rec.bank.block).to(self._state["selection_bias"].device)
+        # float32 holds bf16 / fp16 / fp32 values exactly (fp32 routers of low-precision models included)
+        self._dt = torch.float64 if rec.x.dtype == torch.float64 else torch.float32
         vi = rec.valid_index
         if vi is None:
             vi = torch.arange(rec.x.shape[0], device=rec.x.device)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + rec.batch_index)
-        pick = torch.randperm(vi.numel(), generator=gen)[: self.tokens_per_batch].sort().values
-        pick = vi[pick.to(vi.device)]
+        pick = vi
+        if self.tokens_per_batch is not None and vi.numel() > self.tokens_per_batch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + rec.batch_index)
+            sub = torch.randperm(vi.numel(), generator=gen)[: self.tokens_per_batch].sort().values
+            pick = vi[sub.to(vi.device)]
         lg = rec.logits.index_select(0, pick)
         self._cat("recon_logits", lg)
         self._cat("recon_expert_out", rec.bank.all_outputs(rec.x.index_select(0, pick), lg))
         self._cat("recon_target", rec.routed.index_select(0, pick))
+        self._cat("recon_batch", torch.full((pick.numel(),), rec.batch_index, dtype=torch.int64))
         if "recon_input" in self.shapes:
             self._cat("recon_input", rec.x.index_select(0, pick))

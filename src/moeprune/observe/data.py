@@ -1,8 +1,8 @@
 """Calibration data: text sources -> token batches, plus MoE Pathfinder's k-means sample selection.
 
-Sources: a Hugging Face dataset name (works offline when it is cached), a local ``.txt`` (one sample per
-blank-line separated paragraph) / ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file or a folder of
-them (read through ``datasets.load_dataset(builder, data_files=...)``), or a list of strings.
+Sources: a Hugging Face dataset name (works offline when it is cached), a local ``.txt``/``.md``/``.py`` (one
+sample per blank-line separated paragraph) / ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file or a folder
+of them (searched recursively; parquet/csv read through ``datasets.load_dataset``), or a list of strings.
 Row formats: a ``text_column``; chat ``messages`` lists (rendered with the tokenizer's chat template
 when it has one); prompt/response pairs; else the first of ``text``/``content``/``document``.
 ``build_batches`` packs token streams into ``seq_len`` rows (default) or pads per sample with an
@@ -12,6 +12,8 @@ attention mask; ``load_calibration`` returns the batches and a description (sour
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import zlib
 from collections.abc import Callable, Sequence
@@ -22,7 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
+from moeprune.recipe import CalibrationConfig
+
+_CAL = {k: f.default for k, f in CalibrationConfig.model_fields.items()}  # the recipe's calibration defaults
+
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".csv": "csv"}
 PAIRS = (("prompt", "response"), ("prompt", "completion"), ("instruction", "output"), ("question", "answer"),
          ("query", "response"), ("input", "output"))
@@ -39,7 +45,12 @@ class Calibration:
 
 
 def _local_files(path: Path) -> tuple[str, list[str]]:
-    files = sorted(p for p in path.iterdir() if p.suffix in BUILDERS) if path.is_dir() else [path]
+    """``(builder, files)`` of a file or a folder (searched recursively, hidden folders skipped)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
+                       and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts))
+    else:
+        files = [path]
     if not files:
         raise FileNotFoundError(f"{path} holds no calibration files ({', '.join(sorted(BUILDERS))})")
     kinds = {BUILDERS.get(p.suffix) for p in files}
@@ -49,17 +60,68 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
+def _read_utf8(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+                         f"`iconv -f latin1 -t utf-8 {path}`") from None
+
+
+def _paragraphs(files: list[str]) -> list[dict]:
+    """The one rule for plain-text files (calibration and perplexity alike): one row per blank-line
+    separated paragraph (``"\n\n"``), empty ones dropped, so joining rows with ``"\n\n"`` gives the text back."""
+    return [{"text": p} for f in files for p in _read_utf8(f).split("\n\n") if p]
+
+
+def _json_rows(files: list[str]) -> list[dict]:
+    rows: list = []
+    for f in files:
+        text = _read_utf8(f)
+        if f.endswith(".jsonl"):
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append(_parse_json(line, f"{f} line {n}"))
+        else:
+            data = _parse_json(text, f)
+            if not isinstance(data, list):
+                raise ValueError(f"{f}: expected a JSON list of strings or objects, got {type(data).__name__}")
+            rows += data
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, (dict, str))), None)
+    if bad is not None:
+        raise ValueError(f"row {bad} of {files[0]}... is a {type(rows[bad]).__name__}; rows must be strings or objects")
+    return [{"text": r} if isinstance(r, str) else r for r in rows]
+
+
+def _parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
 def load_rows(source: str, *, split: str = "train", name: str | None = None):
-    """A ``datasets.Dataset`` from a hub name (cached) or local file(s)."""
+    """A ``datasets.Dataset`` from a hub name (cached) or local file(s) / a folder of them."""
     import datasets
+
+    from moeprune.models import looks_like_local_path
 
     path = Path(source).expanduser()
     if path.exists():
         builder, files = _local_files(path)
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split="train", **extra)
-    if path.suffix in BUILDERS or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"calibration file {source} does not exist")
+        if builder in ("text", "json"):
+            rows = _paragraphs(files) if builder == "text" else _json_rows(files)
+            if not rows:
+                raise ValueError(f"{source} holds no text (empty file(s)); add text or choose another source")
+            return datasets.Dataset.from_list(rows)
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as e:  # noqa: BLE001 (pyarrow / pandas parse errors of a damaged file)
+            raise ValueError(f"could not read {source} as {builder} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if path.suffix in BUILDERS or looks_like_local_path(source):
+        raise FileNotFoundError(f"calibration file {source} does not exist (current folder {os.getcwd()})")
     try:
         return datasets.load_dataset(source, name, split=split)
     except Exception as e:  # datasets raises many types (offline, missing config, bad split)
@@ -179,10 +241,12 @@ def batches_hash(batches: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_calibration(source: str | Sequence[str], tokenizer, *, num_samples: int = 128, seq_len: int = 2048,
-                     batch_size: int = 1, split: str = "train", name: str | None = None,
-                     text_column: str | None = None, packing: bool = True, seed: int = 42) -> Calibration:
-    """Texts of ``source`` -> ``build_batches`` -> ``Calibration(batches, meta)``."""
+def load_calibration(source: str | Sequence[str], tokenizer, *, num_samples: int = _CAL["num_samples"],
+                     seq_len: int = _CAL["seq_len"], batch_size: int = _CAL["batch_size"], split: str = "train",
+                     name: str | None = None, text_column: str | None = None, packing: bool = True,
+                     seed: int = _CAL["seed"]) -> Calibration:
+    """Texts of ``source`` -> ``build_batches`` -> ``Calibration(batches, meta)``; defaults are the recipe's
+    (``CalibrationConfig``), the one place they are defined."""
     texts, kind = load_texts(source, split=split, name=name, text_column=text_column, tokenizer=tokenizer)
     templated = kind in ("chat", "pair") and bool(getattr(tokenizer, "chat_template", None))
     batches = build_batches(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeprune.observe.runner import observe
+from moeprune.observe.experts import build_banks
+from moeprune.observe.recon_cache import DEFAULT_MAX_GB, check_recon_options, plan_recon_cache
+from moeprune.observe.runner import as_batch, normalize_features, observe
 from moeprune.observe.stats import SCHEMA, ExpertStats
 
 
@@ -70,7 +72,8 @@ def reduce_stats(stats: ExpertStats, *, dst: int = 0, group=None) -> ExpertStats
 
 def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
                         dst: int = 0, group=None, progress: bool | None = None, seed: int = 0,
-                        recon_tokens: int = 16, implementation: str = "auto",
+                        recon_tokens: int | None = None, recon_max_gb: float | None = DEFAULT_MAX_GB,
+                        implementation: str = "auto",
                         data: Mapping[str, Any] | None = None) -> ExpertStats | None:
     """Every rank calls this with the SAME ``batches`` (e.g. the same seeded ``load_calibration``) and an
     identical model; each observes its shard. Returns the merged ``ExpertStats`` on rank ``dst``, None on
@@ -79,8 +82,12 @@ def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: I
         raise RuntimeError("observe_distributed needs an initialised process group: call "
                            "torch.distributed.init_process_group(...) (e.g. under torchrun) first, or use observe()")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    batches = list(batches)
+    batches = [as_batch(b) for b in batches]
+    recon = None  # the NAEE cache is decided on ALL batches, so every rank subsamples alike
+    if "reconstruction" in normalize_features(features):
+        check_recon_options(recon_tokens, recon_max_gb)
+        recon = plan_recon_cache(build_banks(model), batches, tokens_per_batch=recon_tokens, max_gb=recon_max_gb)
     lo, hi = shard_bounds(len(batches), rank, world)
     local = observe(model, batches[lo:hi], features=features, progress=(rank == dst) if progress is None else progress,
-                    seed=seed, recon_tokens=recon_tokens, implementation=implementation, data=data, batch_offset=lo)
+                    seed=seed, implementation=implementation, data=data, batch_offset=lo, recon=recon)
     return reduce_stats(local, dst=dst, group=group)

@@ -34,7 +34,15 @@ from moeprune.atomic import atomic_write, atomic_write_text, check_free_space, f
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
 from moeprune.observe.experts import build_banks
-from moeprune.observe.runner import Observer, as_batch, eval_mode, forward_kwargs, input_device
+from moeprune.observe.recon_cache import DEFAULT_MAX_GB
+from moeprune.observe.runner import (
+    Observer,
+    as_batch,
+    eval_mode,
+    forward_kwargs,
+    input_device,
+    recon_observer,
+)
 from moeprune.observe.stats import ExpertStats
 
 FORMAT = "moeprune.layerwise/v1"
@@ -224,14 +232,17 @@ def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers:
 
 def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
                       checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
-                      seed: int = 0, recon_tokens: int = 16, implementation: str = "auto",
+                      seed: int = 0, recon_tokens: int | None = None,
+                      recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
                       data: Mapping[str, Any] | None = None) -> ExpertStats:
     """Same statistics as ``observe`` computed one decoder layer at a time (see the module docstring).
 
     ``checkpoint_dir``: activations on disk + per-layer commits (resumable); without it activations are
-    kept on CPU. ``resume=False`` restarts from scratch in an existing ``checkpoint_dir``."""
+    kept on CPU. ``resume=False`` restarts from scratch in an existing ``checkpoint_dir``. ``recon_tokens`` /
+    ``recon_max_gb``: the NAEE cache, as in ``observe``."""
     batches = [as_batch(b) for b in batches]
-    obs = Observer(build_banks(model), features, seed=seed, recon_tokens=recon_tokens)
+    obs, _ = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
+                            recon_max_gb=recon_max_gb)
     _, layers = decoder_layers(model, [b.name for b in obs.banks.values()])
     device = input_device(model)
     ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, batches, obs, len(layers))) if checkpoint_dir else None

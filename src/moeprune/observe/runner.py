@@ -30,6 +30,7 @@ from moeprune.observe.accumulators import (
 )
 from moeprune.observe.capture import MoECapture, MoERecord
 from moeprune.observe.experts import ExpertBank, build_banks
+from moeprune.observe.recon_cache import DEFAULT_MAX_GB, ReconCachePlan, check_recon_options, plan_recon_cache
 from moeprune.observe.stats import FEATURES, ExpertStats
 
 
@@ -46,9 +47,10 @@ class Observer:
     """Per-layer accumulators of the requested features; callable on each ``MoERecord``."""
 
     def __init__(self, banks: dict[int, ExpertBank], features: Iterable[str] | str = ("routed",), *,
-                 seed: int = 0, recon_tokens: int = 16):
+                 seed: int = 0, recon_tokens: int | None = None, recon: ReconCachePlan | None = None):
         self.banks, self.features = banks, normalize_features(features)
-        self.seed, self.recon_tokens = seed, recon_tokens
+        self.seed, self.recon = seed, recon  # recon: the cache decision, recorded in meta["recon"]
+        self.recon_tokens = recon.tokens_per_batch if recon is not None else recon_tokens
         self.layers = sorted(banks)
         self.next_layer = dict(zip(self.layers, self.layers[1:]))
         self.prev_layer = {b: a for a, b in self.next_layer.items()}
@@ -190,6 +192,7 @@ def build_meta(model: nn.Module, obs: Observer, data: Mapping[str, Any] | None =
         "hidden_size": first.hidden_size,
         "n_group": {str(li): b.n_group for li, b in banks.items()},
         "router": {str(li): router(b) for li, b in banks.items()},
+        "norm_topk_prob": bool(getattr(text, "norm_topk_prob", False)),  # REAP renormalises its gate iff set
         "expert_params": {str(li): n for li, n in per.items()},
         "other_params": int(total - sum(per[li] * banks[li].num_experts for li in banks)),
         "dtype_bytes": ex_param.element_size() if ex_param is not None else None,
@@ -198,6 +201,7 @@ def build_meta(model: nn.Module, obs: Observer, data: Mapping[str, Any] | None =
         "num_tokens": obs.num_tokens,
         "next_moe_layer": {str(a): b for a, b in obs.next_layer.items()},
         "data": dict(data) if data else {},
+        **({"recon": obs.recon.meta()} if obs.recon is not None and "reconstruction" in obs.features else {}),
     }
 
 
@@ -241,16 +245,34 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
     return extra
 
 
+def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[str] | str, *, seed: int,
+                   recon_tokens: int | None, recon_max_gb: float | None,
+                   recon: ReconCachePlan | None = None) -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
+    """The Observer, with the ``reconstruction`` cache decided from ALL ``batches`` before calibration
+    (``recon`` given: a decision already made on the full data, e.g. by ``observe_distributed``)."""
+    check_recon_options(recon_tokens, recon_max_gb)
+    banks, feats = build_banks(model), normalize_features(features)
+    if "reconstruction" in feats and recon is None:
+        batches = [as_batch(b) for b in batches]
+        recon = plan_recon_cache(banks, batches, tokens_per_batch=recon_tokens, max_gb=recon_max_gb)
+    return Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon), batches
+
+
 def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
-            progress: bool = True, seed: int = 0, recon_tokens: int = 16, implementation: str = "auto",
-            data: Mapping[str, Any] | None = None, batch_offset: int = 0) -> ExpertStats:
+            progress: bool = True, seed: int = 0, recon_tokens: int | None = None,
+            recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
+            data: Mapping[str, Any] | None = None, batch_offset: int = 0,
+            recon: ReconCachePlan | None = None) -> ExpertStats:
     """One calibration pass over ``batches`` collecting ``features`` (see ``observe/stats.py::SCHEMA``).
 
     ``batches``: LongTensors ``[B, S]`` or dicts with ``input_ids`` (+ ``attention_mask``; 0 = padding,
-    excluded from every statistic). ``recon_tokens``: tokens per batch kept by ``reconstruction``;
-    ``seed`` seeds that choice. ``data`` is recorded in ``meta["data"]``; ``batch_offset`` is the global
-    index of the first batch (for shards)."""
-    obs = Observer(build_banks(model), features, seed=seed, recon_tokens=recon_tokens)
+    excluded from every statistic). ``reconstruction`` (NAEE) caches every token, as the reference, unless
+    that exceeds ``recon_max_gb`` GB (then a seeded subsample per batch, with a warning) or ``recon_tokens``
+    (tokens per batch, ``seed`` seeds the choice) asks for a subsample; see ``observe/recon_cache.py``.
+    ``data`` is recorded in ``meta["data"]``; ``batch_offset`` is the global index of the first batch (for
+    shards)."""
+    obs, batches = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
+                                  recon_max_gb=recon_max_gb, recon=recon)
     run_batches(model, batches, obs, progress=progress, implementation=implementation, batch_offset=batch_offset)
     return obs.result(model, data)
 

@@ -35,7 +35,17 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of g*||f||"),
     "gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (g*||f||)^2"),
     "max_act": ("routed", "max", "[E]", "max over routed tokens of max_i |f_i| (0 if never routed)"),
+    "max_act_signed": ("routed", "max", "[E]",
+                       "max(0, max over routed tokens of max_i f_i) (signed, REAP's max_activations)"),
     "prob_sum": ("routed", "sum", "[E]", "sum over all tokens of p (full router probability)"),
+    # REAP's reference gates (observer convention): q = softmax over ALL router outputs of the raw logits
+    # (even for sigmoid routers); q_r = q / sum of q over the token's routed experts, clamped >= fp32 eps
+    "softmax_gate_sum": ("routed", "sum", "[E]", "sum over routed tokens of q"),
+    "softmax_gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of q*||f||"),
+    "softmax_gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (q*||f||)^2"),
+    "renorm_gate_sum": ("routed", "sum", "[E]", "sum over routed tokens of q_r"),
+    "renorm_gate_norm_sum": ("routed", "sum", "[E]", "sum over routed tokens of q_r*||f||"),
+    "renorm_gate_norm_sq_sum": ("routed", "sum", "[E]", "sum over routed tokens of (q_r*||f||)^2"),
     # --- direction: TENP and EASY-EP
     "gate_norm_dir_sum": ("direction", "sum", "[E]", "TENP: sum over routed of g*||f||*(1-cos(x_t, f))"),
     "easyep_sum": ("direction", "sum", "[E]",
@@ -54,12 +64,16 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "sample_norm_mean": ("paths", "cat", "[N, E]", "a: mean over ALL the sample's tokens of ||f_j(x_t)||"),
     "sample_recon_loss": ("paths", "cat", "[N, E]",
                           "L: ||Y - F_j||_F per sample, Y routed block output, F_j = f_j(X) (only j kept)"),
+    "sample_out_norm": ("paths", "cat", "[N]", "||Y||_F per sample (Pathfinder l_norm='relative')"),
     # --- cluster: C-Prune (sentence-level expert outputs)
     "sentence_out": ("cluster", "cat", "[N, E, H]", "f_j(mean over the sample's valid tokens of x_t)"),
-    # --- reconstruction: NAEE enumeration from a token subsample (pure function of these)
+    # --- reconstruction: NAEE enumeration over the cached tokens (all by default; pure function of these).
+    # Cached rows are float32 (float64 for float64 models); meta["recon"] records the cache policy.
     "recon_logits": ("reconstruction", "cat", "[T_s, E]", "router logits of cached tokens"),
     "recon_expert_out": ("reconstruction", "cat", "[T_s, E, H]", "f_j(x_t) for every expert on cached tokens"),
     "recon_target": ("reconstruction", "cat", "[T_s, H]", "routed block output (sum_k g*f) of cached tokens"),
+    "recon_batch": ("reconstruction", "cat", "[T_s]",
+                    "global calibration batch index of each cached token (int64; NAEE sums per-batch norms)"),
     "recon_input": ("reconstruction", "cat", "[T_s, H]",
                     "block input of cached tokens (only for routers with identity experts, LongCat)"),
     "selection_bias": ("reconstruction", "max", "[E_router]",
@@ -78,9 +92,12 @@ class ExpertStats:
     router {layer: {"score": softmax|sigmoid|probs, "renormalize": bool, "scale": float, "gate_on_input": bool
     (Llama4: g = 1 and f = expert(s * x)), "router_width": E + zero experts (LongCat; width of recon_logits),
     "source": observed|config}},
+    norm_topk_prob (the model config's flag, False when absent: REAP's reference gate renormalises iff set),
     expert_params {layer: parameters per expert}, other_params (all non-routed-expert parameters),
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
-    data (source, hash, seq_len, seed)."""
+    data (source, hash, seq_len, seed), recon (with ``reconstruction``: the NAEE cache decision
+    ``observe/recon_cache.py::ReconCachePlan`` - tokens_per_batch (None = all), max_gb, estimate_gb, cached_gb,
+    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound"))."""
 
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +124,7 @@ class ExpertStats:
         return int(n) if n is not None else int(self.get(layer, "count").numel())
 
     # ---- merging (data-parallel ranks, data shards)
-    def merge(self, other: "ExpertStats") -> "ExpertStats":
+    def merge(self, other: ExpertStats) -> ExpertStats:
         """In place: add ``other``'s statistics (same model and features)."""
         if set(self.layers) != set(other.layers):
             raise ValueError(f"cannot merge stats of layers {sorted(self.layers)} and {sorted(other.layers)}")
@@ -143,19 +160,40 @@ class ExpertStats:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "ExpertStats":
+    def load(cls, folder: str | os.PathLike) -> ExpertStats:
         folder = os.fspath(folder)
         tp, jp = os.path.join(folder, "stats.safetensors"), os.path.join(folder, "stats.json")
         if not (os.path.exists(tp) and os.path.exists(jp)):
             raise FileNotFoundError(f"{folder} holds no moeprune statistics (stats.safetensors + stats.json); "
                                     "create them with `moeprune observe`")
-        with open(jp) as f:
-            meta = json.load(f)
-        if meta.pop("format", None) != STATS_FORMAT:
+        try:
+            with open(jp, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{jp} is not valid JSON ({e}); re-run `moeprune observe` to recreate it") from None
+        if not isinstance(meta, dict) or meta.pop("format", None) != STATS_FORMAT:
             raise ValueError(f"{jp} is not in format {STATS_FORMAT}")
+        try:
+            tensors = load_file(tp)
+        except Exception as e:  # noqa: BLE001 (safetensors raises SafetensorError, OSError, ...)
+            raise ValueError(f"{tp} is unreadable ({type(e).__name__}: {e}); it is truncated or not a safetensors "
+                             "file: re-run `moeprune observe` to recreate it") from None
         layers: dict[int, dict[str, torch.Tensor]] = {}
-        for key, t in load_file(tp).items():
-            li, name = key.split(".", 1)
+        for key, t in tensors.items():
+            li, _, name = key.partition(".")
+            if not li.isdigit() or not name:
+                raise ValueError(f"{tp}: tensor {key!r} is not named '<layer>.<statistic>'; not moeprune statistics")
             layers.setdefault(int(li), {})[name] = t
-        return cls(layers=layers, meta=meta)
+        stats = cls(layers=layers, meta=meta)
+        stats.check_finite(tp)
+        return stats
 
+    def check_finite(self, where: str = "statistics") -> None:
+        """Refuse NaN/inf statistics: every method would turn them into arbitrary scores (a plan keeping
+        experts 0..k-1), so the error points at the layer and statistic instead."""
+        for li, d in sorted(self.layers.items()):
+            for name, t in sorted(d.items()):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise ValueError(f"{where}: {bad} of {t.numel()} values of {name!r} in layer {li} are NaN/inf; "
+                                     "re-run `moeprune observe` (in float32, or with fewer overflowing tokens)")
