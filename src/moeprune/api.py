@@ -13,19 +13,30 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeprune.atomic import (
+    atomic_write_text,
+    check_output_dir,
+    clean_stale,
+    make_temp_dir,
+    output_lock,
+    replace_dir,
+)
 from moeprune.methods.registry import MethodConfig
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import PruningPlan
 from moeprune.recipe import CalibrationConfig, EvalConfig, Recipe
 
 log = logging.getLogger("moeprune")
+OFFLOAD_DIR = ".offload"  # layer-wise runs: the decoder layers' weights on disk, deleted when the run ends
 
 
 @dataclass
@@ -57,10 +68,7 @@ def resolve_recipe(recipe: Recipe | MethodConfig | str | os.PathLike | dict | No
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def calibration_batches(tokenizer, cfg: CalibrationConfig) -> tuple[list[dict], dict[str, Any]]:
@@ -132,11 +140,13 @@ def eval_text(cfg: EvalConfig) -> str | list[str] | None:
         if cfg.perplexity in BUILTINS else cfg.perplexity
 
 
-def measure(model, tokenizer, cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Perplexity on the held-out text and lm-eval task results of one model."""
+def measure(model, tokenizer, cfg: EvalConfig, *, progress: bool = True,
+            into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Perplexity on the held-out text and lm-eval task results of one model. Results go into ``into``
+    (a new dict by default) as each is measured, so a caller keeps the perplexity if lm-eval fails."""
     from moeprune.evaluate.perplexity import perplexity
 
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {} if into is None else into
     text = eval_text(cfg)
     if text is not None:
         res.update(perplexity(model, tokenizer, text, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
@@ -185,15 +195,34 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
     ``sparsity`` overrides the recipe's target with an expert sparsity. With ``apply.mode: streaming`` the
     checkpoint folder is rewritten shard by shard (the model is not pruned in memory); add
     ``calibration.layerwise: true`` for models larger than memory (decoder layers stay on disk); the
-    result's ``model`` is then the reloaded pruned model when it was evaluated, else None."""
-    import torch.distributed as dist
+    result's ``model`` is then the reloaded pruned model when it was evaluated, else None.
 
-    from moeprune.apply import apply_plan, save_pruned
-    from moeprune.models import load_model, load_offloaded_model
+    ``output_dir`` is checked before any work (not a source checkpoint, not inside or holding one, empty
+    unless ``overwrite``, not being written by another process), the run is built in a temp folder beside
+    it and swapped in at the end: ``output_dir`` always holds one complete run. If the run fails, what
+    it had computed (statistics, plan, evaluation so far) is kept in ``<output_dir>.failed``."""
+    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("oneshot runs in one process; for data-parallel calibration run `moeprune observe` under "
                          "torchrun, then `moeprune plan` and `moeprune apply`")
+    r, method = _run_recipe(model, dataset, recipe, sparsity)
+    if r.apply.mode == "streaming" and output_dir is None:
+        raise ValueError("apply.mode=streaming rewrites the checkpoint into output_dir/model: pass output_dir")
+    if output_dir is None:
+        return _run(model, r, method, None, tokenizer, progress)
+    sources = [_model_source(model)]
+    out = check_output_dir(output_dir, sources=sources, overwrite=overwrite)
+    with staged_run(out, sources=sources, overwrite=overwrite) as tmp:
+        res = _run(model, r, method, str(tmp), tokenizer, progress)
+    if res.model is not None and r.apply.mode == "streaming":  # it was loaded from the temp folder
+        res.model.name_or_path = res.model.config._name_or_path = str(out / "model")
+    res.output_dir = str(out)
+    return res
+
+
+def _run_recipe(model: Any, dataset: str | None, recipe: Any, sparsity: float | None) -> tuple[Recipe, MethodConfig]:
+    """The recipe with the call's overrides, re-validated as a whole."""
     r, method = resolve_recipe(recipe)
     updates: dict[str, Any] = {}
     if dataset is not None:
@@ -203,74 +232,150 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
                                                          "memory_gb": None})
     updates["model"] = model if isinstance(model, str) else getattr(model, "name_or_path", None) or "<in-memory model>"
     r = Recipe.model_validate(r.model_copy(update=updates).model_dump())  # re-check the combination
-    out = os.fspath(output_dir) if output_dir is not None else None
-    if out is not None:
-        if os.path.isdir(out) and os.listdir(out) and not overwrite:
-            raise FileExistsError(f"output folder {out} is not empty; choose another or pass overwrite=True")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "recipe.yaml"), "w") as f:
-            f.write(r.dump())
-    torch.manual_seed(r.seed)
-    t0 = time.time()
-    streaming = r.apply.mode == "streaming"
-    if streaming and out is None:
-        raise ValueError("apply.mode=streaming rewrites the checkpoint into output_dir/model: pass output_dir")
-    offload = None
+    return r, method
+
+
+def _model_source(model: Any) -> str | None:
+    """The checkpoint folder the model comes from (it must never be written or replaced), if any."""
+    src = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+    return os.fspath(src) if src and os.path.isdir(src) else None
+
+
+@contextmanager
+def staged_run(out: Path, *, sources: list[str | None], overwrite: bool) -> Iterator[Path]:
+    """Hold ``out``'s lock, build the run in a temp folder and swap it in on success. On failure keep
+    what was computed in ``<out>.failed`` (with ``status.json`` naming the error) and leave ``out`` as it
+    was; a killed run leaves a hidden temp folder that the next run into ``out`` deletes."""
+    with output_lock(out):
+        check_output_dir(out, sources=sources, overwrite=overwrite)  # again: a run may have finished meanwhile
+        clean_stale(out)
+        tmp = make_temp_dir(out)
+        try:
+            yield tmp
+        except BaseException as e:
+            _keep_partial(tmp, out, e)
+            raise
+        replace_dir(tmp, out)
+
+
+def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
+    shutil.rmtree(tmp / OFFLOAD_DIR, ignore_errors=True)
+    shutil.rmtree(tmp / "stats" / "layerwise-work", ignore_errors=True)
+    if not any(tmp.iterdir()):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    failed = out.with_name(out.name + ".failed")
+    try:
+        atomic_write_text(tmp / "status.json", json.dumps(
+            {"status": "failed", "error": f"{type(err).__name__}: {err}", "run": str(out)}, indent=1))
+        replace_dir(tmp, failed)
+    except OSError:  # e.g. the disk is full: a hidden temp folder is still better than nothing
+        log.warning("could not keep the partial results of %s; they are in %s", out, tmp)
+        return
+    log.warning("the run failed; results computed before the failure are in %s", failed)
+    if hasattr(err, "add_note"):
+        err.add_note(f"results computed before the failure are in {failed}")
+
+
+def _load(model: Any, r: Recipe, out: str | None, tokenizer: Any) -> tuple[Any, Any]:
+    from moeprune.models import load_model, load_offloaded_model
+
     if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):  # the recipe ensures streaming
-        offload = tempfile.mkdtemp(prefix=".offload-", dir=out)
-        m, tok = load_offloaded_model(model, offload, dtype=r.dtype, device=r.device,
+        m, tok = load_offloaded_model(model, os.path.join(out, OFFLOAD_DIR), dtype=r.dtype, device=r.device,
                                       experts_implementation=r.experts_implementation)
     else:
         m, tok = load_model(model, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
     tok = tokenizer or tok
+    if tok is None:
+        raise ValueError("no tokenizer: pass tokenizer=... (the model folder has none)")
+    return m, tok
+
+
+def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer: Any,
+         progress: bool) -> OneshotResult:
+    """observe -> plan -> apply -> evaluate -> write into ``out`` (the staged temp folder), saving each
+    result as soon as it exists."""
+    if out:
+        atomic_write_text(os.path.join(out, "recipe.yaml"), r.dump())
+    torch.manual_seed(r.seed)
+    t0 = time.time()
+    results: dict[str, Any] = {}
+    m, tok = _load(model, r, out, tokenizer)
     try:
-        if tok is None:
-            raise ValueError("no tokenizer: pass tokenizer=... (the model folder has none)")
         stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
                           stats_dir=os.path.join(out, "stats") if out else None)
         plan = method.plan(stats, r.target.build())
         if out:
             plan.save(os.path.join(out, "plan.json"))
-        results: dict[str, Any] = {}
-        evaluate = _has_eval(r.eval)
-        if evaluate:
-            results["original"] = measure(m, tok, r.eval, progress=progress)
-        summary = {"method": plan.method, "expert_sparsity": plan.expert_sparsity()}
-        if streaming:  # out of core: shards are rewritten, the pruned model is loaded only to evaluate it
-            from moeprune.apply.streaming import rewrite_checkpoint
-
-            path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
-                                      progress=progress)
-            pruned = None
-            if evaluate:
-                pruned, _ = load_model(path, dtype=r.dtype, device=r.device,
-                                       experts_implementation=r.experts_implementation)
-                results["pruned"] = {**measure(pruned, tok, r.eval, progress=progress),
-                                     **kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress), **summary}
-            m = pruned
-        else:
-            kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate else {}
-            apply_plan(m, plan)
-            if evaluate:
-                results["pruned"] = {**measure(m, tok, r.eval, progress=progress), **kl, **summary}
-            if out and r.apply.save:
-                save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok,
-                            max_shard_size=r.apply.max_shard_size)
+        apply_fn = _apply_streaming if r.apply.mode == "streaming" else _apply_in_memory
+        m = apply_fn(model, m, tok, r, plan, out, results, progress)
     finally:
-        if offload:
-            shutil.rmtree(offload, ignore_errors=True)
-    timings = {"seconds": round(time.time() - t0, 2)}
+        if out:
+            shutil.rmtree(os.path.join(out, OFFLOAD_DIR), ignore_errors=True)
+            if results:
+                _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
     if out:
-        if results:
-            _write_json(os.path.join(out, "eval.json"), {**results, **timings})
-        if r.report:
-            from moeprune.report import make_report
-
-            make_report(out)
-        from moeprune.card import write_model_card
-
-        write_model_card(out, r, plan, results)
+        _write_reports(out, r, plan, results)
     return OneshotResult(model=m, tokenizer=tok, plan=plan, stats=stats, eval=results, output_dir=out)
+
+
+def _eval_into(results: dict[str, Any], key: str, fn: Callable[[dict[str, Any]], None]) -> None:
+    """``fn`` fills ``results[key]`` piece by piece, so what it measured survives a later failure in it."""
+    results[key] = {}
+    fn(results[key])
+
+
+def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
+    from moeprune.apply import apply_plan, save_pruned
+
+    evaluate = _has_eval(r.eval)
+    summary = {"method": plan.method, "expert_sparsity": plan.expert_sparsity()}
+    if evaluate:
+        _eval_into(results, "original", lambda d: measure(m, tok, r.eval, progress=progress, into=d))
+    kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate else {}
+    apply_plan(m, plan)
+    if evaluate:
+        def pruned(d: dict[str, Any]) -> None:
+            d.update(kl, **summary)
+            measure(m, tok, r.eval, progress=progress, into=d)
+
+        _eval_into(results, "pruned", pruned)
+    if out and r.apply.save:
+        save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok, max_shard_size=r.apply.max_shard_size)
+    return m
+
+
+def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
+    """Out of core: shards are rewritten, the pruned model is loaded only to evaluate it."""
+    from moeprune.apply.streaming import rewrite_checkpoint
+    from moeprune.models import load_model
+
+    evaluate = _has_eval(r.eval)
+    if evaluate:
+        _eval_into(results, "original", lambda d: measure(m, tok, r.eval, progress=progress, into=d))
+    path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
+                              progress=progress)
+    if not evaluate:
+        return None
+    pruned, _ = load_model(path, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
+
+    def measure_pruned(d: dict[str, Any]) -> None:
+        d.update(method=plan.method, expert_sparsity=plan.expert_sparsity())
+        measure(pruned, tok, r.eval, progress=progress, into=d)
+        d.update(kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress))
+
+    _eval_into(results, "pruned", measure_pruned)
+    return pruned
+
+
+def _write_reports(out: str, r: Recipe, plan: PruningPlan, results: dict[str, Any]) -> None:
+    if r.report:
+        from moeprune.report import make_report
+
+        make_report(out)
+    from moeprune.card import write_model_card
+
+    write_model_card(out, r, plan, results)
 
 
 def _has_eval(cfg: EvalConfig) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from moeprune import __version__
+from moeprune.atomic import atomic_write_text
 from moeprune.plan import PruningPlan
 
 
@@ -78,6 +79,5 @@ def write_model_card(out_dir: str, recipe: Any, plan: PruningPlan, results: dict
     if os.path.isdir(os.path.join(out_dir, "model")):
         paths.append(os.path.join(out_dir, "model", "README.md"))
     for p in paths:
-        with open(p, "w") as f:
-            f.write(text)
+        atomic_write_text(p, text)
     return paths[0]

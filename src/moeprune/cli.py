@@ -142,11 +142,12 @@ def cmd_plan(a) -> None:
 
 
 def cmd_apply(a) -> None:
+    from moeprune.atomic import check_output_dir, output_lock
     from moeprune.plan import PruningPlan
 
     plan = PruningPlan.load(a.plan)
+    src = a.model
     if a.streaming:
-        from moeprune.apply.streaming import rewrite_checkpoint
         from moeprune.models import resolve_model_source
 
         src = resolve_model_source(a.model)
@@ -155,16 +156,21 @@ def cmd_apply(a) -> None:
                              "one (drop --streaming)")
         if not os.path.isdir(src):  # a hub id: the local snapshot (downloaded once, or from the cache offline)
             src = hub_snapshot(src)
-        out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size)
-    else:
-        from moeprune.apply import apply_plan, save_pruned
-        from moeprune.models import load_model
+    # before loading anything: never into / over the source, empty unless --overwrite, one writer at a time
+    with output_lock(check_output_dir(a.out, sources=[src], overwrite=a.overwrite)):
+        if a.streaming:
+            from moeprune.apply.streaming import rewrite_checkpoint
 
-        model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
-        warn_uncovered(model, plan)
-        apply_plan(model, plan)
-        out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
-                          overwrite=a.overwrite)
+            out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size, overwrite=a.overwrite)
+        else:
+            from moeprune.apply import apply_plan, save_pruned
+            from moeprune.models import load_model
+
+            model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
+            warn_uncovered(model, plan)
+            apply_plan(model, plan)
+            out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
+                              overwrite=a.overwrite)
     print(f"pruned checkpoint written to {out}")
 
 
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError, NotImplementedError, ImportError) as e:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
-        print(f"moeprune {args.cmd}: error: {cli_message(e, args.cmd)}", file=sys.stderr)
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", ()))  # e.g. where a failed run's results are
+        print(f"moeprune {args.cmd}: error: {cli_message(e, args.cmd)}{notes}", file=sys.stderr)
         return 2
     return 0
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from moeprune.apply.config import finalize_config, get_record, is_per_layer
 from moeprune.arch import structure
-from moeprune.atomic import atomic_dir
+from moeprune.atomic import atomic_dir, atomic_write_text, check_free_space, check_output_dir, output_lock
 from moeprune.plan import PruningPlan
 
 REMOTE_CODE_FILE = "modeling_pruned_moe.py"
@@ -92,10 +92,10 @@ def _fix_config_json(model: nn.Module, folder: Path, remote_code: bool) -> None:
         cls = f"PrunedMoE{base}"
         src = Path(structure.__file__).read_text()
         code = REMOTE_TEMPLATE.format(base=base, cls=cls, model_type=model.config.model_type)
-        (folder / REMOTE_CODE_FILE).write_text(src + code)
+        atomic_write_text(folder / REMOTE_CODE_FILE, src + code)
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.{cls}"}
         cfg["base_architectures"] = [base]
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def write_config(model: nn.Module, folder: str | os.PathLike, *, dtype: Any = None, remote_code: bool = True) -> None:
@@ -116,13 +116,10 @@ def _source_dir(model: nn.Module) -> Path | None:
     return Path(src).resolve() if src and Path(src).is_dir() else None
 
 
-def _check_target(model: nn.Module, out: Path, overwrite: bool) -> None:
-    source = _source_dir(model)
-    if source is not None and (out == source or source in out.parents):
-        raise ValueError(f"refusing to write the pruned model into its source checkpoint {source}; "
-                         "choose another output directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty; pass overwrite=True to replace it")
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes ``save_pretrained`` writes (tied tensors once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta"}
+    return sum(seen.values())
 
 
 def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: PruningPlan | None = None,
@@ -132,10 +129,11 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: PruningPl
     ``moe_pruning``, ``pruning_plan.json`` if ``plan``, remote code for per-layer shapes if
     ``remote_code``, tokenizer files from ``tokenizer`` or the source folder). Atomic: a failure
     leaves no partial folder. Returns the folder path."""
-    out = Path(out_dir).resolve()
-    _check_target(model, out, overwrite)
+    out = check_output_dir(out_dir, sources=[_source_dir(model)], overwrite=overwrite)
     finalize_config(model)
-    with atomic_dir(out) as tmp:
+    with output_lock(out), atomic_dir(out) as tmp:
+        check_output_dir(out, sources=[_source_dir(model)], overwrite=overwrite)  # under the lock, again
+        check_free_space(tmp, _state_bytes(model), f"the pruned model {out}")
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)

@@ -41,7 +41,7 @@ from moeprune.apply.streaming_specs import (
     source_specs,
 )
 from moeprune.arch import structure as S
-from moeprune.atomic import atomic_dir
+from moeprune.atomic import atomic_dir, check_free_space, check_output_dir, output_lock
 from moeprune.plan import PruningPlan
 
 _SKIP_FILES = {"config.json", PLAN_FILE, REMOTE_CODE_FILE}
@@ -136,16 +136,10 @@ def rewrite_checkpoint(
     other files (tokenizer, generation config...). Shards follow huggingface_hub's naming
     (``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``). Atomic; refuses to
     write into ``src_dir``. Returns the output folder."""
-    src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
+    src = Path(src_dir).resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint {src} is not a folder")
-    if out == src or src in out.parents or out in src.parents:
-        raise ValueError(
-            f"refusing to write into (or replace a folder holding) the source checkpoint {src}; "
-            "choose another output directory"
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty; pass overwrite=True to replace it")
+    out = check_output_dir(out_dir, sources=[src], overwrite=overwrite)
     if not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
     sources = source_specs(source_files(src))
@@ -157,7 +151,9 @@ def rewrite_checkpoint(
     check_against_meta(model, specs)
 
     handle = open_handles()
-    with atomic_dir(out) as tmp:
+    with output_lock(out), atomic_dir(out) as tmp:
+        check_output_dir(out, sources=[src], overwrite=overwrite)  # under the lock, again
+        check_free_space(tmp, sum(s.nbytes for s in specs.values()), f"the pruned checkpoint {out}")
         write_shards(
             tmp, specs, lambda s: _chunks(s, handle(s.file)), max_shard_size=max_shard_size, progress=progress
         )

@@ -11,7 +11,8 @@ on-disk -> fused key conversion stays transformers' job. ``observe_layerwise`` t
 Peak memory is one decoder layer plus the cached activations (one batch when they live on disk). The MoE
 capture and accumulators are the full pass's (``Observer``), so the statistics equal the full pass.
 With ``checkpoint_dir`` each finished layer commits its outputs and the accumulator state atomically;
-a rerun resumes after the last committed layer.
+a rerun resumes after the last committed layer (nothing in the folder is unpickled beyond tensors and plain
+containers, so a planted folder cannot run code).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from moeprune.atomic import atomic_write, atomic_write_text
+from moeprune.atomic import atomic_write, atomic_write_text, check_free_space, folder_bytes
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
 from moeprune.observe.experts import build_banks
@@ -157,7 +159,8 @@ def execution_device(layer: nn.Module, default) -> torch.device:
 
 class Checkpoint:
     """``folder/progress.json`` -> committed layer; ``acts_{i}/b{j}.safetensors`` = inputs of layer i;
-    ``observer_{i}.pt`` = accumulators after layers < i; ``calls.pt`` = per-layer call kwargs."""
+    ``observer_{i}.pt`` = accumulators after layers < i (tensors and plain containers, loaded with
+    ``weights_only=True``). The per-layer call kwargs are re-recorded on resume, not stored."""
 
     def __init__(self, folder: str | os.PathLike, fingerprint: str):
         self.folder, self.fingerprint = os.fspath(folder), fingerprint
@@ -183,7 +186,7 @@ class Checkpoint:
         for name in os.listdir(self.folder):
             if name.startswith("acts_"):
                 shutil.rmtree(self._p(name), ignore_errors=True)
-            elif name == "progress.json" or name == "calls.pt" or (name.startswith("observer_") and name.endswith(".pt")):
+            elif name in ("progress.json", "calls.pt") or (name.startswith("observer_") and name.endswith(".pt")):
                 os.remove(self._p(name))
 
     def write_act(self, layer: int, b: int, h: torch.Tensor) -> None:
@@ -194,14 +197,18 @@ class Checkpoint:
     def read_act(self, layer: int, b: int) -> torch.Tensor:
         return load_file(self._p(f"acts_{layer}", f"b{b}.safetensors"))["h"]
 
-    def save_calls(self, calls: list) -> None:
-        atomic_write(self._p("calls.pt"), lambda p: torch.save(calls, p))
-
-    def load_calls(self) -> list:
-        return torch.load(self._p("calls.pt"), weights_only=False)
+    def _load(self, name: str) -> Any:
+        """``torch.load`` restricted to tensors and plain containers (``weights_only``): a planted or shared
+        work folder cannot run code on resume."""
+        try:
+            return torch.load(self._p(name), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{self._p(name)} holds objects other than tensors and plain containers; it was not "
+                             f"written by this resumable pass (refusing to unpickle it): delete {self.folder} "
+                             "or pass resume=False") from e
 
     def load_observer(self, layer: int) -> dict:
-        return torch.load(self._p(f"observer_{layer}.pt"), weights_only=False)
+        return self._load(f"observer_{layer}.pt")
 
     def commit(self, next_layer: int, state: dict) -> None:
         """Outputs of ``next_layer - 1`` are in ``acts_{next_layer}``: record the accumulators, then progress."""
@@ -250,10 +257,11 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
                 ckpt.reset()
                 for b, h in enumerate(hidden):
                     ckpt.write_act(0, b, h)
-                ckpt.save_calls(calls)
                 ckpt.commit(0, obs.state_dict())
         else:
-            calls = ckpt.load_calls()
+            # the per-layer call kwargs are re-recorded (a cheap stub pass), never unpickled: they can hold
+            # transformers objects (caches) that a safe load refuses
+            _, calls = record_inputs(model, layers, batches, device)
             obs.load_state_dict(ckpt.load_observer(start))
             hidden = [None] * len(batches)
         for i in tqdm(range(start, len(layers)), desc="observe (layer-wise)", disable=not progress):
@@ -298,6 +306,11 @@ def load_offloaded(path: str | os.PathLike, offload_folder: str | os.PathLike, *
     import transformers
     from accelerate import init_empty_weights
 
+    from moeprune.apply.shards import is_weight_file
+
+    if os.path.isdir(path):  # the decoder layers (nearly all the weights) are copied into offload_folder
+        check_free_space(offload_folder, folder_bytes(path, is_weight_file),
+                         f"the layer-wise offload copy of {path}'s weights in {offload_folder}")
     config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items()
                                                                if k == "trust_remote_code"})
     with init_empty_weights():

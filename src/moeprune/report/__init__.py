@@ -17,6 +17,7 @@ import glob
 import os
 from typing import Any
 
+from moeprune.atomic import atomic_write_text
 from moeprune.report.plots import (
     plot_method_comparison,
     plot_retention,
@@ -135,7 +136,6 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                     md += [f"![{metric}]({metric}_vs_sparsity.png)", ""]
     report = os.path.join(out_dir, "report.md")
     os.makedirs(out_dir, exist_ok=True)
-    with open(report, "w") as f:
-        f.write("\n".join(md))
+    atomic_write_text(report, "\n".join(md))
     written.append(report)
     return written

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 
+from moeprune.atomic import atomic_write
 from moeprune.plan import PruningPlan
 from moeprune.report.tables import flatten_result
 
@@ -34,8 +35,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1][1:] or "png"))
 
 
 def retention_matrix(plan: PruningPlan) -> tuple[list[int], np.ndarray]:

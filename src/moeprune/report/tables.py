@@ -10,11 +10,14 @@ lm-eval's ``results`` level and ``,none`` filter suffix are dropped (``lm_eval.a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from moeprune.atomic import atomic_write_text
 
 _FIRST = ("ppl", "nll", "kl", "top1_agreement")
 _SKIP = {
@@ -46,7 +49,7 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
             rows = data if isinstance(data, list) else [data]
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: entry {i} is a {type(r).__name__}, expected a result object")
+            raise ValueError(f"{path}: entry {i} is a {type(r).__name__}, expected a result object")  # noqa: TRY004 (bad file content)
     return rows
 
 
@@ -155,12 +158,12 @@ def to_csv(
     cols, rows = comparison_rows(results, metrics)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+    return atomic_write_text(path, buf.getvalue())
 
 
 def write_tables(
@@ -173,6 +176,5 @@ def write_tables(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     md = os.path.join(out_dir, f"{stem}.md")
-    with open(md, "w") as f:
-        f.write(to_markdown(results, metrics))
+    atomic_write_text(md, to_markdown(results, metrics))
     return [md, to_csv(results, os.path.join(out_dir, f"{stem}.csv"), metrics)]
