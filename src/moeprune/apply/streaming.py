@@ -154,7 +154,7 @@ def rewrite_checkpoint(
     model = _meta_model(src, dtype)
     check_plan(model, plan)  # refuse a plan that does not fit before reading any weight
     specs = plan_specs(sources, model, plan_layers(model, plan))
-    apply_plan(model, plan, regroup=regroup)  # meta shapes + finalize_config, as the in-memory path
+    apply_plan(model, plan, regroup=regroup, ragged="pad")  # meta shapes + config, as in memory (pad layout)
     check_against_meta(model, specs)
 
     handle = open_handles()
