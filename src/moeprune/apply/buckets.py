@@ -81,6 +81,18 @@ def check_ragged(model: nn.Module, ragged: str) -> bool:
     return ragged != "pad" and family in BUCKET_FAMILIES
 
 
+def padding_waste(model: nn.Module) -> dict[int, float]:
+    """``{layer: padded fraction}`` of the pad-layout layers of a neuron-pruned model (config records
+    only: works on meta models)."""
+    neurons = get_record(model).get("neurons", {})
+    out = {}
+    for li, block in moe_blocks(model).items():
+        live = (neurons.get(str(li)) or {}).get("live")
+        if live and not isinstance(block.experts, BucketedExperts):
+            out[li] = waste(live, intermediate_size_of(block))
+    return out
+
+
 def refuse_bucketed(model: nn.Module) -> None:
     """Bucketed layers cannot be pruned again (the slicing helpers see one fused tensor per layer)."""
     done = [li for li, b in moe_blocks(model).items() if isinstance(b.experts, BucketedExperts)]

@@ -36,15 +36,28 @@ from moeprune.arch.structure import (
 
 class BucketedExperts(nn.Module):
     """Experts of one MoE layer stored in width buckets; same call as the family's experts module:
-    ``forward(hidden [T,H], top_k_index [T,k], top_k_weights [T,k]) -> [T,H]`` (weighted, summed)."""
+    ``forward(hidden [T,H], top_k_index [T,k], top_k_weights [T,k]) -> [T,H]`` (weighted, summed).
+
+    Bucket 0 (the narrowest) keeps the family's tensor names at this level (``experts.gate_up_proj``
+    ``[n_0, 2*w_0, H]``...: its parameter dicts ARE this module's), buckets 1.. live in ``wider``. So a
+    checkpoint loaded without ``load_pruned``/remote code fails loudly on the size mismatch
+    (``n_0 < E``) instead of silently re-initialising the missing fused tensors."""
 
     def __init__(self, buckets: list[nn.Module], members: list[list[int]], widths: list[int]):
         super().__init__()
-        self.buckets = nn.ModuleList(buckets)
+        first = buckets[0]
+        self._parameters, self._buffers = first._parameters, first._buffers  # shared dicts, see above
+        self._non_persistent_buffers_set = first._non_persistent_buffers_set
+        self.__dict__["_first"] = first  # not a child: its tensors are registered here already
+        self.wider = nn.ModuleList(buckets[1:])
         self.members = [[int(e) for e in m] for m in members]  # current expert ids per bucket
         self.widths = [int(w) for w in widths]
         self.num_experts = sum(len(m) for m in self.members)
         self._maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bucket_modules(self) -> list[nn.Module]:
+        """The family experts module of every bucket, in bucket order."""
+        return [self.__dict__["_first"], *self.wider]
 
     def layout(self) -> dict:
         """What ``config.moe_pruning["buckets"][layer]`` records to rebuild this module."""
@@ -70,15 +83,24 @@ class BucketedExperts(nn.Module):
         b_of, r_of = bucket[flat], row[flat]  # [S]
         tok = torch.arange(t * k, device=flat.device) // k  # [S] token of each slot
         per_slot = hidden_states.new_zeros(t * k, hidden_states.shape[-1])  # [S, H] unweighted f_e(x)
-        for b, mod in enumerate(self.buckets):
+        for b, mod in enumerate(self.bucket_modules()):
             sel = torch.nonzero(b_of == b).reshape(-1)  # [S_b]
             if sel.numel() == 0:
                 continue
             ones = top_k_weights.new_ones(sel.numel(), 1)  # weight 1: the bucket returns f_e(x) exactly
             out = mod(hidden_states[tok[sel]], r_of[sel].unsqueeze(1), ones)  # [S_b, H]
             per_slot.index_copy_(0, sel, out.to(per_slot.dtype))
-        weighted = per_slot * top_k_weights.reshape(-1, 1)  # [S, H], dtype promoted as grouped_mm does
-        return weighted.view(t, k, -1).sum(dim=1).to(hidden_states.dtype)
+        weighted = per_slot * top_k_weights.reshape(-1, 1)  # [S, H], dtype promoted as the family does
+        impl = getattr(getattr(self.__dict__["_first"], "config", None), "_experts_implementation", None)
+        if impl not in (None, "eager"):  # grouped_mm / batched_mm: one sum over the k slots, then cast
+            return weighted.view(t, k, -1).sum(dim=1).to(hidden_states.dtype)
+        # eager: index_add_ per expert in ascending id order, rounding to the hidden dtype at every add
+        slots = weighted.to(hidden_states.dtype).view(t, k, -1)  # [T, k, H]
+        order = top_k_index.argsort(dim=1)  # [T, k] slots by ascending expert id
+        acc = torch.zeros_like(hidden_states)
+        for j in range(k):
+            acc = acc + slots.gather(1, order[:, j, None, None].expand(-1, 1, slots.shape[-1])).squeeze(1)
+        return acc
 
 
 def _shell(ex: nn.Module) -> nn.Module:
