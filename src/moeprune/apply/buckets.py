@@ -88,14 +88,14 @@ def padding_waste(model: nn.Module) -> dict[int, float]:
     out = {}
     for li, block in moe_blocks(model).items():
         live = (neurons.get(str(li)) or {}).get("live")
-        if live and not isinstance(block.experts, BucketedExperts):
+        if live and not isinstance(getattr(block, "experts", None), BucketedExperts):
             out[li] = waste(live, intermediate_size_of(block))
     return out
 
 
 def refuse_bucketed(model: nn.Module) -> None:
     """Bucketed layers cannot be pruned again (the slicing helpers see one fused tensor per layer)."""
-    done = [li for li, b in moe_blocks(model).items() if isinstance(b.experts, BucketedExperts)]
+    done = [li for li, b in moe_blocks(model).items() if isinstance(getattr(b, "experts", None), BucketedExperts)]
     if done:
         raise ValueError(f"layers {done} store their experts in width buckets (ragged='buckets'); prune the "
                          "original model again with the combined plan, or apply with ragged='pad'")
@@ -111,7 +111,7 @@ def bucketize_(model: nn.Module, *, ragged: str = "auto", max_buckets: int = MAX
     neurons = get_record(model).get("neurons", {})
     for li, block in moe_blocks(model).items():
         live = (neurons.get(str(li)) or {}).get("live")
-        if not live or isinstance(block.experts, BucketedExperts):
+        if not live or isinstance(getattr(block, "experts", None), BucketedExperts):
             continue
         inter = intermediate_size_of(block)
         if waste(live, inter) <= min_waste:
