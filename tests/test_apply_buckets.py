@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 
 from moeprune.apply import apply_plan, load_pruned, mask_experts, save_pruned
 from moeprune.apply.buckets import BUCKET_FAMILIES, plan_buckets
@@ -17,7 +16,7 @@ from moeprune.apply.experts import moe_blocks
 from moeprune.apply.streaming import rewrite_checkpoint
 from moeprune.arch.buckets import BucketedExperts
 from moeprune.arch.structure import iter_moe_blocks, num_experts_of
-from moeprune.arch.tiny import H, INTER
+from moeprune.arch.tiny import INTER, H
 from moeprune.plan import LayerPlan, PruningPlan
 
 CORE = sorted(BUCKET_FAMILIES)
@@ -125,7 +124,7 @@ def test_bucketed_layer_equals_pad_layer(arch, dtype, tiny_cache):
     with torch.no_grad():
         a, b = bucketed(x, idx, w), pad(x, idx, w)
     # fp32: reduction-order round-off only; bf16: at most a rounding flip of the bf16 output (2^-8 relative)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2**-7}
     torch.testing.assert_close(a, b, **tol)
 
 
