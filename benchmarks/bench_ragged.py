@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moeprune.apply import apply_plan, load_pruned, save_pruned  # noqa: E402
-from moeprune.apply.experts import moe_blocks  # noqa: E402
-from moeprune.arch.structure import get_experts, intermediate_size_of  # noqa: E402
-from moeprune.methods import Target, get_method  # noqa: E402
-from moeprune.observe import ExpertStats, observe  # noqa: E402
+from moeprune.apply import apply_plan, load_pruned, save_pruned
+from moeprune.apply.experts import moe_blocks
+from moeprune.arch.structure import get_experts, intermediate_size_of
+from moeprune.methods import Target, get_method
+from moeprune.observe import ExpertStats, observe
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -113,8 +113,9 @@ def measure(label, model, plan, ppl, tmp, **apply_kw) -> dict:
 
 
 def to_markdown(rows: list[dict], base: dict) -> str:
-    lines = ["| plan | routed params promised | routed params after load | total params after load | "
-             "bytes in memory | bytes on disk | disk vs unpruned | held-out ppl |", "|" + "---|" * 8]
+    head = ("| plan | routed params promised | routed params after load | total params after load | "
+            "bytes in memory | bytes on disk | disk vs unpruned | held-out ppl |")
+    lines = [head, "|" + "---|" * 8]
     for r in [base, *rows]:
         lines.append(f"| {r['plan']} | {r['promised_routed']:,} | {r['routed_after_load']:,} "
                      f"({r['routed_after_load'] / r['promised_routed']:.1%} of promised) | {r['params_after_load']:,} | "
@@ -152,8 +153,7 @@ def main() -> None:
     print("\n" + md)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".jsonl", "w") as f:
-        for r in [base, *rows]:
-            f.write(json.dumps({**r, "model": note}) + "\n")
+        f.writelines(json.dumps({**r, "model": note}) + "\n" for r in [base, *rows])
     with open(a.out + ".md", "w") as f:
         f.write(md)
 
