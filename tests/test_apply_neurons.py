@@ -35,7 +35,7 @@ def test_ragged_neurons_equal_zeroed_and_reload(arch, tiny_cache, input_ids, tmp
     plan = example_plan(model, neurons=True)  # experts AND ragged channels, original ids
     with mask_experts(model, plan):  # reference: pruned experts masked, removed channels zeroed
         ref = _logits(model, input_ids)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(copy.deepcopy(model), plan, ragged="pad")  # the pad+zero layout (buckets: test_apply_buckets)
     out = _logits(pruned, input_ids)
     torch.testing.assert_close(out, ref, atol=atol, rtol=0)
     rec = get_record(pruned)

@@ -161,14 +161,15 @@ def cmd_apply(a) -> None:
         if a.streaming:
             from moeprune.apply.streaming import rewrite_checkpoint
 
-            out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size, overwrite=a.overwrite)
+            out = rewrite_checkpoint(src, plan, a.out, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+                                     ragged=a.ragged)
         else:
             from moeprune.apply import apply_plan, save_pruned
             from moeprune.models import load_model
 
             model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
             warn_uncovered(model, plan)
-            apply_plan(model, plan)
+            apply_plan(model, plan, ragged=a.ragged)
             out = save_pruned(model, a.out, plan=plan, tokenizer=tok, max_shard_size=a.max_shard_size,
                               overwrite=a.overwrite)
     print(f"pruned checkpoint written to {out}")
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--streaming", action="store_true", help="rewrite shards without loading the model")
+    s.add_argument("--ragged", choices=("auto", "buckets", "pad"), default="auto",
+                   help="ragged neuron widths: width buckets where supported (auto), always buckets, or pad+zero; "
+                        "--streaming writes pad only")
     s.add_argument("--max-shard-size", default="5GB")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_apply)

@@ -24,7 +24,7 @@ import transformers
 from torch import nn
 
 from moeprune.apply.config import finalize_config, get_record, is_per_layer
-from moeprune.arch import structure
+from moeprune.arch import buckets, structure
 from moeprune.atomic import atomic_dir, atomic_write_text, check_free_space, check_output_dir, output_lock
 from moeprune.plan import PruningPlan
 
@@ -64,7 +64,7 @@ class {cls}(_Base):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        apply_moe_pruning_structure(self, getattr(config.get_text_config(), "moe_pruning", None))
+        apply_pruned_structure(self, getattr(config.get_text_config(), "moe_pruning", None))
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):  # aligned tensors: the same CPU kernels as in memory
@@ -90,12 +90,20 @@ def _fix_config_json(model: nn.Module, folder: Path, remote_code: bool) -> None:
         cfg.pop(key, None)
     if remote_code and is_per_layer(model):
         cls = f"PrunedMoE{base}"
-        src = Path(structure.__file__).read_text()
+        src = remote_code_source()
         code = REMOTE_TEMPLATE.format(base=base, cls=cls, model_type=model.config.model_type)
         atomic_write_text(folder / REMOTE_CODE_FILE, src + code)
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.{cls}"}
         cfg["base_architectures"] = [base]
     atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def remote_code_source() -> str:
+    """``structure.py`` then ``buckets.py`` (its package imports dropped: one self-contained module)."""
+    text = Path(buckets.__file__).read_text()
+    head, _, rest = text.partition("# moeprune:package-imports")
+    body = rest.partition("# moeprune:end-package-imports")[2]
+    return Path(structure.__file__).read_text() + "\n\n# ---- arch/buckets.py ----\n" + head + body
 
 
 def write_config(model: nn.Module, folder: str | os.PathLike, *, dtype: Any = None, remote_code: bool = True) -> None:
@@ -158,7 +166,7 @@ def pruned_class(base: type) -> type:
     if base not in _PRUNED_CLASSES:
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            structure.apply_moe_pruning_structure(self, getattr(config.get_text_config(), "moe_pruning", None))
+            buckets.apply_pruned_structure(self, getattr(config.get_text_config(), "moe_pruning", None))
 
         _PRUNED_CLASSES[base] = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
                                                               "__qualname__": base.__qualname__,

@@ -9,7 +9,8 @@ Two outcomes, decided by ``finalize_config(model)``:
 * ``"per_layer"``: the global fields stay as they are and ``config.moe_pruning`` lists the layers
   that differ (``num_experts``/``top_k``/``n_group``/``intermediate_size``, keyed by layer id as
   str). Plain ``from_pretrained`` fails loudly on the size mismatch; ``load_pruned`` or the
-  remote code re-create the shapes (``structure.apply_moe_pruning_structure``).
+  remote code re-create the shapes (``buckets.apply_pruned_structure``; ragged neuron plans
+  stored in width buckets record their layout under ``buckets``).
 
 In both cases ``config.moe_pruning`` also keeps the provenance written by the prune functions:
 ``kept_experts`` (original expert ids per layer), ``original_num_experts`` and ``neurons``.
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 
 from moeprune.arch.adapters import cfg_set, get_adapter, text_config
+from moeprune.arch.buckets import apply_pruned_structure, bucket_layout
 from moeprune.arch.structure import (
-    apply_moe_pruning_structure,
     current_top_k,
     get_router,
     group_info,
@@ -38,7 +39,7 @@ from moeprune.arch.structure import (
     num_experts_of,
 )
 
-SHAPE_KEYS = ("num_experts", "top_k", "n_group", "intermediate_size")
+SHAPE_KEYS = ("num_experts", "top_k", "n_group", "intermediate_size", "buckets")
 
 
 def get_record(model_or_config: Any) -> dict[str, Any]:
@@ -72,13 +73,16 @@ def _has_groups(block: nn.Module) -> bool:
 
 
 def layer_shapes(model: nn.Module) -> dict[int, dict[str, Any]]:
-    """Per MoE layer: ``num_experts``, ``top_k``, ``n_group`` ([n_group, topk_group] or None) and
-    ``intermediate_size`` read from the modules (works on meta tensors)."""
+    """Per MoE layer: ``num_experts``, ``top_k``, ``n_group`` ([n_group, topk_group] or None),
+    ``intermediate_size`` (the widest bucket's for bucketed experts) and ``buckets`` (the layout of
+    ``arch.buckets.BucketedExperts`` or None), read from the modules (works on meta tensors)."""
     out = {}
     for li, _, b in iter_moe_blocks(model):
+        buckets = bucket_layout(b)
         out[li] = {"num_experts": num_experts_of(b), "top_k": current_top_k(b),
                    "n_group": list(group_info(b)) if _has_groups(b) else None,
-                   "intermediate_size": intermediate_size_of(b)}
+                   "intermediate_size": max(buckets["widths"]) if buckets else intermediate_size_of(b),
+                   "buckets": buckets}
     return out
 
 
@@ -138,7 +142,7 @@ def finalize_config(model: nn.Module) -> str:
             record[key] = diff
     check = copy.deepcopy(plain)
     set_record(check, record)
-    rebuilt = apply_moe_pruning_structure(_meta_model(base, check), record)
+    rebuilt = apply_pruned_structure(_meta_model(base, check), record)
     if _shapes(rebuilt) != target:
         bad = sorted(k for k, v in _shapes(rebuilt).items() if target.get(k) != v)[:5]
         raise RuntimeError(f"config.moe_pruning cannot reproduce the pruned shapes (first mismatches: {bad})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from moeprune.apply.buckets import MAX_BUCKETS, MIN_WASTE, bucketize_, check_ragged, refuse_bucketed
 from moeprune.apply.config import finalize_config
 from moeprune.apply.experts import check_expert_ids, moe_blocks, prune_experts_
 from moeprune.apply.neurons import check_neuron_ids, prune_neurons_
@@ -38,9 +39,14 @@ def check_plan(model: nn.Module, plan: PruningPlan) -> None:
     check_neuron_ids(model, neurons, expert_ids=keep)
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, *, regroup: str = "auto") -> nn.Module:
+def apply_plan(model: nn.Module, plan: PruningPlan, *, regroup: str = "auto", ragged: str = "auto",
+               max_buckets: int = MAX_BUCKETS, min_waste: float = MIN_WASTE) -> nn.Module:
     """Prune ``model`` in place by ``plan``: experts first, then the neurons of kept experts
-    (neuron keeps are keyed by original expert ids and renumbered here). Returns the model."""
+    (neuron keeps are keyed by original expert ids and renumbered here). Ragged neuron plans whose
+    padded layout wastes more than ``min_waste`` are stored in up to ``max_buckets`` width buckets
+    (``ragged``: "auto" = buckets where supported, "buckets", "pad"; see ``apply.buckets``)."""
+    check_ragged(model, ragged)
+    refuse_bucketed(model)
     check_plan(model, plan)
     prune_experts_(model, plan.keep(), regroup=regroup, finalize=False)
     neurons = {}
@@ -50,5 +56,6 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, regroup: str = "auto") ->
             neurons[li] = {pos[e]: list(ch) for e, ch in lp.neurons.items()}
     if neurons:
         prune_neurons_(model, neurons, finalize=False)
+        bucketize_(model, ragged=ragged, max_buckets=max_buckets, min_waste=min_waste)
     finalize_config(model)
     return model

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
 
+from moeprune.apply.buckets import MIN_WASTE, RAGGED, padding_waste
 from moeprune.apply.checkpoint import PLAN_FILE, REMOTE_CODE_FILE, pruned_class, write_config
 from moeprune.apply.config import is_per_layer
 from moeprune.apply.inplace import apply_plan, check_plan
@@ -119,6 +121,10 @@ def _chunks(spec: Spec, f) -> Iterator[torch.Tensor]:
             yield _channels(sl[r * inter : (r + 1) * inter], spec.chan, L, p)
 
 
+STREAMING_PAD_ONLY = ("--streaming (rewrite_checkpoint) writes ragged neuron plans in the pad layout only "
+                      "(narrower experts zero-padded to the widest, no memory saved for the padding)")
+
+
 def rewrite_checkpoint(
     src_dir: str | os.PathLike,
     plan: PruningPlan | str | os.PathLike,
@@ -129,26 +135,41 @@ def rewrite_checkpoint(
     remote_code: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    ragged: str = "auto",
 ) -> str:
     """Write ``out_dir``: the checkpoint ``src_dir`` pruned by ``plan`` (original expert ids), without
     loading the model. Same folder as ``save_pruned`` of the in-memory pruned model (tensors,
     ``config.json``, ``pruning_plan.json``, remote code for per-layer shapes), plus the source's
     other files (tokenizer, generation config...). Shards follow huggingface_hub's naming
     (``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``). Atomic; refuses to
-    write into ``src_dir``. Returns the output folder."""
+    write into ``src_dir``. Returns the output folder.
+
+    Ragged neuron plans are written in the pad layout only (one fused width per layer, narrower
+    experts zero-padded): ``ragged="buckets"`` is refused, ``"auto"`` warns when padding wastes
+    memory; the in-memory ``apply_plan`` + ``save_pruned`` writes width buckets instead."""
     src = Path(src_dir).resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint {src} is not a folder")
     out = check_output_dir(out_dir, sources=[src], overwrite=overwrite)
     if not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
+    if ragged not in RAGGED:
+        raise ValueError(f"ragged={ragged!r}; expected one of {RAGGED}")
+    if ragged == "buckets":
+        raise NotImplementedError(STREAMING_PAD_ONLY + "; drop --streaming (rewrite_checkpoint) to apply in memory "
+                                  "(apply_plan + save_pruned write width buckets), or pass ragged='pad'")
     sources = source_specs(source_files(src))
     dtype = dominant_dtype(sources)
     model = _meta_model(src, dtype)
     check_plan(model, plan)  # refuse a plan that does not fit before reading any weight
     specs = plan_specs(sources, model, plan_layers(model, plan))
-    apply_plan(model, plan, regroup=regroup)  # meta shapes + finalize_config, as the in-memory path
+    apply_plan(model, plan, regroup=regroup, ragged="pad")  # meta shapes + config, as in memory (pad layout)
     check_against_meta(model, specs)
+    wasted = {li: round(w, 3) for li, w in padding_waste(model).items() if w > MIN_WASTE}
+    if ragged == "auto" and wasted:
+        warnings.warn(f"{STREAMING_PAD_ONLY}: padding is this fraction of the routed experts of layers {wasted}; "
+                      "apply without --streaming (in memory) to store width buckets and save that memory",
+                      stacklevel=2)
 
     handle = open_handles()
     with output_lock(out), atomic_dir(out) as tmp:

@@ -243,6 +243,9 @@ def inter_layout(block: nn.Module) -> list[tuple[nn.Module, str, str, int]]:
         return [(ex.mlp, "w1", "plain", 1), (ex.mlp, "v1", "plain", 1), (ex.mlp, "w2", "plain", 1)]
     if name.startswith("Llama4"):  # gate_up [E, H, 2I] (chunk), down [E, I, H]
         return [(ex, "gate_up_proj", "gu_cat", 2), (ex, "down_proj", "plain", 1)]
+    if type(ex).__name__ == "BucketedExperts":  # arch/buckets.py: one fused module per width bucket
+        raise NotImplementedError("experts stored in width buckets have no single fused intermediate layout; "
+                                  "prune or observe the model before bucketing (apply_plan ragged='pad')")
     if getattr(ex, "has_post_expert_norm", False):
         raise NotImplementedError(f"{name}: a norm over the expert output is not channel-separable; "
                                   "neuron pruning would not be exact")
