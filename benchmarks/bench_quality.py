@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.toy_moe.corpus import chunk_text, load_splits, split_documents  # noqa: E402
-from benchmarks.toy_moe.model import domain_perplexity, load_toy_model  # noqa: E402
-from moeprune.apply import mask_experts  # noqa: E402
-from moeprune.methods import Target, get_method  # noqa: E402
-from moeprune.observe import ExpertStats, build_batches, observe  # noqa: E402
+from benchmarks.toy_moe.corpus import chunk_text, load_splits, split_documents
+from benchmarks.toy_moe.model import domain_perplexity, load_toy_model
+from moeprune.apply import mask_experts
+from moeprune.methods import Target, get_method
+from moeprune.observe import ExpertStats, build_batches, observe
 
 # (label, method name, options, budget kind): "experts" -> expert_sparsity=s (uniform per layer),
 # "method" -> the same sparsity with the method's own (non-uniform) allocation, "params" -> param_ratio=1-s
@@ -153,8 +153,7 @@ def main() -> None:
             [r for r in rows if r["method"] != "unpruned" or not any(o["method"] == "unpruned" for o in old)]
         rows.sort(key=lambda r: (r["sparsity"], _order(r["method"])))
     with open(a.out + ".jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     md = to_markdown(rows, sorted(splits))
     with open(a.out + ".md", "w") as f:
         f.write(md)

@@ -126,7 +126,7 @@ def largest_tensor(src: str) -> tuple[str, int]:
     for name in os.listdir(src):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(src, name), "pt") as f:
-                for k in f.keys():
+                for k in f.keys():  # noqa: SIM118 (safetensors handle, not a dict)
                     sl = f.get_slice(k)
                     shape = sl.get_shape()
                     size = 1

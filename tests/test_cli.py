@@ -30,7 +30,7 @@ def test_run_end_to_end_with_lm_eval(tmp_path, capsys):
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
-    assert main(["run", str(cfg), str(out), "--quiet", *sum([["--set", s] for s in SMALL], [])]) == 0
+    assert main(["run", str(cfg), str(out), "--quiet", *[a for s in SMALL for a in ("--set", s)]]) == 0
     for f in ("recipe.yaml", "plan.json", "eval.json", "README.md", "stats/stats.json", "model/config.json",
               "model/pruning_plan.json", "report/report.md", "report/retention.png"):
         assert (out / f).is_file(), f
@@ -132,7 +132,7 @@ def test_run_layerwise_streaming_equals_in_memory_run(tmp_path):
     src = tmp_path / "src"
     tiny_model("mixtral").save_pretrained(src)
     byte_tokenizer().save_pretrained(src)
-    common = ["--quiet", "--set", f"model={src}", "--set", "method.name=reap", *sum([["--set", s] for s in SMALL], []),
+    common = ["--quiet", "--set", f"model={src}", "--set", "method.name=reap", *[a for s in SMALL for a in ("--set", s)],
               "--set", "report=false"]
     big, mem = tmp_path / "big", tmp_path / "mem"
     assert main(["run", str(big), *common, "--set", "calibration.layerwise=true", "--set", "apply.mode=streaming"]) == 0

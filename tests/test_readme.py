@@ -121,10 +121,12 @@ def test_public_api_is_not_shadowed_and_complete():
 
     import moeprune
     import moeprune.observe.capture  # loads the subpackage that used to shadow the function
+    import moeprune.observe.stats as stats_module  # `import a.b.c as x` needs the subpackage bound
     from moeprune import observe
     from moeprune.observe.runner import observe as runner_observe
 
-    assert observe is runner_observe and moeprune.observe is runner_observe
+    assert callable(observe) and observe.__call__.__func__ is not None
+    assert stats_module.ExpertStats is moeprune.ExpertStats
     for name in moeprune.__all__:
         assert getattr(moeprune, name) is not None, name
     # what type checkers see (the TYPE_CHECKING block) is what runs: same names, same objects
@@ -133,4 +135,19 @@ def test_public_api_is_not_shadowed_and_complete():
     declared = {a.asname or a.name: imp.module for imp in block.body for a in imp.names}
     assert set(declared) | {"__version__"} == set(moeprune.__all__)
     for name, module in declared.items():
+        if name == "observe":  # the callable subpackage: calling it runs the declared function
+            assert moeprune.observe.observe is runner_observe
+            continue
         assert getattr(importlib.import_module(module), name) is getattr(moeprune, name), name
+
+
+def test_observe_called_through_the_package_equals_the_function(tiny_cache, input_ids):
+    from moeprune import observe
+    from moeprune.observe.runner import observe as runner_observe
+
+    model = tiny_cache("qwen3_moe")
+    batch = [{"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}]
+    a, b = observe(model, batch, progress=False), runner_observe(model, batch, progress=False)
+    for li in a.moe_layers:
+        for name, t in a[li].items():
+            assert torch.equal(t, b[li][name]), (li, name)

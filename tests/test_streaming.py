@@ -26,7 +26,7 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), "pt") as f:
-                for k in f.keys():
+                for k in f.keys():  # noqa: SIM118 (safetensors handle, not a dict)
                     assert k not in out, f"{k} in two shards"
                     out[k] = f.get_tensor(k)
     return out

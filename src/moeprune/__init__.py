@@ -5,15 +5,14 @@ Pipeline: ``observe`` (calibration statistics) -> ``plan`` (a method turns stati
 ``oneshot`` runs all of it.
 
 The public names below are imported lazily (``import moeprune`` does not import torch). ``moeprune.observe``
-is always the FUNCTION ``observe(model, batches, ...)``, also after the ``moeprune.observe`` subpackage has
-been imported (the import system would otherwise bind the subpackage over it); the subpackage's other
-names are imported from it explicitly: ``from moeprune.observe import observe_layerwise``.
+is the calibration subpackage, and it is callable: ``observe(model, batches, ...)`` after
+``from moeprune import observe`` runs ``moeprune.observe.runner.observe`` (a function and a subpackage of one
+name cannot both be bound to the package, so the subpackage is made callable instead of hiding it; plain
+``import moeprune.observe.stats`` keeps working).
 """
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -37,7 +36,7 @@ _EXPORTS = {
     "Recipe": "moeprune.recipe",
     "PruningPlan": "moeprune.plan", "LayerPlan": "moeprune.plan",
     "ExpertStats": "moeprune.observe.stats",
-    "observe": "moeprune.observe.runner",
+    "observe": "moeprune",  # the callable subpackage (see the module docstring)
     "get_method": "moeprune.methods.registry", "register_method": "moeprune.methods.registry",
     "METHODS": "moeprune.methods.registry",
     "Target": "moeprune.methods.target",
@@ -54,6 +53,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import moeprune` stays cheap (no torch/transformers import)
+    if name == "observe":
+        return importlib.import_module("moeprune.observe")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'moeprune' has no attribute {name!r}")
@@ -61,21 +62,3 @@ def __getattr__(name: str) -> Any:  # lazy: `import moeprune` stays cheap (no to
 
 def __dir__() -> list[str]:
     return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
-
-
-class _Package(types.ModuleType):
-    """``moeprune``'s module class: ``observe`` is a property (the function), so the import system's
-    ``setattr(moeprune, "observe", <subpackage>)`` after loading ``moeprune.observe`` cannot shadow it."""
-
-    @property
-    def observe(self) -> Any:
-        return importlib.import_module(_EXPORTS["observe"]).observe
-
-    @observe.setter
-    def observe(self, value: Any) -> None:
-        if not (isinstance(value, types.ModuleType) and value.__name__ == "moeprune.observe"):
-            raise AttributeError("moeprune.observe is the observe() function and cannot be reassigned; "
-                                 "patch moeprune.observe.runner.observe instead")
-
-
-sys.modules[__name__].__class__ = _Package

@@ -87,7 +87,7 @@ def source_files(src: Path) -> dict[str, str]:
     single = src / "model.safetensors"
     if single.is_file():
         with safe_open(single, "pt") as f:
-            return {k: str(single) for k in f.keys()}
+            return {k: str(single) for k in f.keys()}  # noqa: SIM118 (safetensors handle)
     if any(src.glob("*.bin")):
         raise ValueError(
             f"{src} holds PyTorch .bin weights; rewrite_checkpoint reads safetensors only "

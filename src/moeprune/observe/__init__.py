@@ -1,6 +1,7 @@
 """Calibration: one observation pass that serves every pruning method.
 
-* ``observe(model, batches, features=...)`` -> ``ExpertStats`` (full-model pass);
+* ``observe(model, batches, features=...)`` -> ``ExpertStats`` (full-model pass); the package itself is
+  callable with the same arguments, so ``from moeprune import observe; observe(model, batches)`` works;
   ``observe_dataset(model, tokenizer, source, ...)`` builds the batches first.
 * ``observe_layerwise(model, batches, checkpoint_dir=...)``: one decoder layer at a time (offloaded
     models, resumable); ``load_offloaded(path, offload_folder)`` loads a model for it.
@@ -9,6 +10,9 @@
   ``load_texts`` are its parts; ``select_representatives`` is MoE Pathfinder's k-means selection.
 * ``MoECapture`` is the underlying instrumentation; ``SCHEMA`` / ``FEATURES`` name what is collected.
 """
+import sys
+import types
+
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import (
     Calibration,
@@ -42,3 +46,13 @@ __all__ = [
     "reduce_stats",
     "select_representatives",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """The ``moeprune.observe`` package: ``moeprune.observe(model, batches, ...)`` is ``runner.observe``."""
+
+    def __call__(self, *args, **kwargs) -> ExpertStats:
+        return observe(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

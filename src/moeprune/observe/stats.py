@@ -49,8 +49,8 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     # --- direction: TENP and EASY-EP
     "gate_norm_dir_sum": ("direction", "sum", "[E]", "TENP: sum over routed of g*||f||*(1-cos(x_t, f))"),
     "easyep_sum": ("direction", "sum", "[E]",
-                   "EASY-EP: sum over routed of g*||f||*max(1-cos(h_t, h_t+r_t), 0); h_t residual stream "
-                   "before the block, r_t the routed output (shared experts excluded)"),
+                   ("EASY-EP: sum over routed of g*||f||*max(1-cos(h_t, h_t+r_t), 0); h_t residual stream "
+                    "before the block, r_t the routed output (shared experts excluded)")),
     # --- neurons: TENP expert-neuron pruning
     "neuron_proj_sum": ("neurons", "sum", "[E, I]",
                         "sum over routed tokens of a_{t,k} * <W_down[:,k], f> / ||f|| (signed projection)"),
@@ -77,8 +77,8 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "recon_input": ("reconstruction", "cat", "[T_s, H]",
                     "block input of cached tokens (only for routers with identity experts, LongCat)"),
     "selection_bias": ("reconstruction", "max", "[E_router]",
-                       "selection-only router bias (e_score_correction_bias, expert_bias, moe_statics) added to "
-                       "the scores for top-k choice only; zeros when the router has none"),
+                       ("selection-only router bias (e_score_correction_bias, expert_bias, moe_statics) added "
+                        "to the scores for top-k choice only; zeros when the router has none")),
 }
 FEATURES = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction")
 
