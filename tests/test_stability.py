@@ -135,3 +135,20 @@ def test_agreement_lists_consensus_and_contested():
     assert res["layers"][0]["consensus"] == sorted({0, 1} & rand)
     assert set(res["layers"][0]["contested"]) == {0, 1} ^ rand
     assert res["pairwise_jaccard"]["frequency"]["random"] == pytest.approx(jaccard([0, 1], sorted(rand)))
+
+
+def test_cli_writes_json_markdown_and_plot(observed, tmp_path, capsys):
+    from moeprune.cli import main
+    from moeprune.report.stability import stability_section
+
+    stats_dir = observed[torch.float32].save(tmp_path / "stats")
+    out = tmp_path / "stab"
+    rc = main(["stability", stats_dir, "--method", "reap", "--sparsity", "0.5", "--resamples", "4",
+               "--subsamples", "2", "--compare", "frequency,man", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == {"stability.json", "stability.md", "sufficiency.png"}
+    md = stability_section(out / "stability.json")
+    assert "| layer | mean Jaccard |" in md and "kept by every method" in md
+    assert (out / "sufficiency.png").stat().st_size > 10_000
+    rc = main(["stability", stats_dir, "--method", "pathfinder", "--sparsity", "0.5", "--out", str(out)])
+    assert rc == 2 and "needs feature group(s) ['paths']" in capsys.readouterr().err
