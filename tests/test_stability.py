@@ -152,3 +152,12 @@ def test_cli_writes_json_markdown_and_plot(observed, tmp_path, capsys):
     assert (out / "sufficiency.png").stat().st_size > 10_000
     rc = main(["stability", stats_dir, "--method", "pathfinder", "--sparsity", "0.5", "--out", str(out)])
     assert rc == 2 and "needs feature group(s) ['paths']" in capsys.readouterr().err
+
+
+def test_disjoint_halves_disagree_exactly_as_hand_computed():
+    """8 batches in two disjoint halves of 4: exactly one half holds batch 0, so one plan is {0, 1} and the
+    other {0, 2}: Jaccard 1/3 in every draw; against the full plan {0, 1} each draw scores 1 or 1/3."""
+    res = sufficiency(_hand_stats(8), get_method("frequency"), Target(expert_sparsity=0.5), fractions=(0.5,),
+                      n_resamples=10, seed=1)[0]
+    assert res["batches"] == 4 and res["independent"] == pytest.approx(1 / 3) and res["independent_sd"] < 1e-12
+    assert all(d == pytest.approx(1.0) or d == pytest.approx(1 / 3) for d in res["draws"])

@@ -97,15 +97,18 @@ def bootstrap_weights(num_batches: int, n: int, seed: int) -> torch.Tensor:
     return torch.zeros(n, num_batches, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
 
 
-def subsample_weights(num_batches: int, k: int, n: int, seed: int) -> torch.Tensor:
-    """``[n, B]`` 0/1 weights of ``n`` subsets of ``k`` batches drawn without replacement (one row if k = B)."""
+def subsample_weights(num_batches: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[n, B]`` 0/1 weights of ``n`` subsets of ``k`` batches drawn without replacement (one row if k = B),
+    and, when ``2k <= B``, the weights of a second subset of ``k`` batches disjoint from each (else None)."""
     if k >= num_batches:
-        return torch.ones(1, num_batches, dtype=torch.float64)
+        return torch.ones(1, num_batches, dtype=torch.float64), None
     gen = torch.Generator().manual_seed(seed)
-    w = torch.zeros(n, num_batches, dtype=torch.float64)
+    w, w2 = (torch.zeros(n, num_batches, dtype=torch.float64) for _ in range(2))
     for r in range(n):
-        w[r, torch.randperm(num_batches, generator=gen)[:k]] = 1.0
-    return w
+        perm = torch.randperm(num_batches, generator=gen)
+        w[r, perm[:k]] = 1.0
+        w2[r, perm[k:2 * k]] = 1.0
+    return w, (w2 if 2 * k <= num_batches else None)
 
 
 def _compare(full: PruningPlan, plans: list[PruningPlan]) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
@@ -148,7 +151,10 @@ def bootstrap(stats: ExpertStats, method: MethodConfig, target: Target, *, n_res
 def sufficiency(stats: ExpertStats, method: MethodConfig, target: Target, *, fractions: Sequence[float] = FRACTIONS,
                 n_resamples: int = 20, seed: int = 0) -> list[dict[str, Any]]:
     """Agreement with the full-data plan using a fraction of the batches (without replacement): per
-    fraction the batches used, the mean (over layers) Jaccard of each draw, its mean and sd over draws."""
+    fraction the batches used, the mean (over layers) Jaccard of each draw, its mean and sd over draws.
+    A subset shares its batches with the full data, which flatters it (all batches: 1 by construction);
+    ``independent`` (fractions <= 1/2) is the mean Jaccard between the plans of two DISJOINT subsets of
+    that size, the agreement two users calibrating on that many different samples would see."""
     b = check_resamplable(stats, method)
     full = method.plan(stats, target)
     per_sample = (stats.meta.get("num_samples") or b) / b
@@ -157,12 +163,19 @@ def sufficiency(stats: ExpertStats, method: MethodConfig, target: Target, *, fra
         if not 0 < f <= 1:
             raise ValueError(f"fraction {f} must be in (0, 1] (e.g. 0.125, 0.25, 0.5, 1)")
         k = max(1, round(f * b))
-        ws = subsample_weights(b, k, n_resamples, seed + i)
-        jac, _ = _compare(full, [method.plan(resample(stats, w), target) for w in ws])
+        ws, ws2 = subsample_weights(b, k, n_resamples, seed + i)
+        plans = [method.plan(resample(stats, w), target) for w in ws]
+        jac, _ = _compare(full, plans)
         draws = [statistics.fmean(jac[li][r] for li in jac) for r in range(ws.shape[0])]
-        out.append({"fraction": f, "batches": k, "samples": round(k * per_sample), "draws": draws,
-                    "mean": statistics.fmean(draws), "sd": statistics.pstdev(draws),
-                    "per_layer": {li: statistics.fmean(v) for li, v in jac.items()}})
+        row = {"fraction": f, "batches": k, "samples": round(k * per_sample), "draws": draws,
+               "mean": statistics.fmean(draws), "sd": statistics.pstdev(draws),
+               "per_layer": {li: statistics.fmean(v) for li, v in jac.items()}}
+        if ws2 is not None:
+            others = [method.plan(resample(stats, w2), target) for w2 in ws2]
+            pairs = [statistics.fmean(jaccard(p.layers[li].keep, q.layers[li].keep) for li in full.layers)
+                     for p, q in zip(plans, others)]
+            row |= {"independent": statistics.fmean(pairs), "independent_sd": statistics.pstdev(pairs)}
+        out.append(row)
     return out
 
 

@@ -6,11 +6,13 @@ Inputs are the dicts of ``moeprune.stability`` (``bootstrap``, ``sufficiency``, 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from moeprune.atomic import atomic_write_text
@@ -26,27 +28,36 @@ def plot_sufficiency(panels: Mapping[str, Mapping[str, Sequence[Mapping[str, Any
     """One panel per entry of ``panels`` (e.g. per sparsity), one line per method: mean Jaccard (over
     layers) of the plan from a subsample against the full-data plan, vs the samples used; bars = sd
     over the random subsamples."""
-    fig = Figure(figsize=(4.2 * len(panels) + 2.2, 4.0), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(panels) + 2.6, 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    low = 1.0
     for ax, (name, curves) in zip(axes, panels.items()):
         ticks: set[int] = set()
         for i, (label, curve) in enumerate(curves.items()):
             xs = [c["samples"] for c in curve]
             ticks.update(xs)
-            ax.errorbar(xs, [c["mean"] for c in curve], yerr=[c["sd"] for c in curve], label=label,
-                        color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)], capsize=3, lw=1.8)
+            style = {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
+            ax.errorbar(xs, [c["mean"] for c in curve], yerr=[c["sd"] for c in curve], label=label, lw=1.8, **style)
+            ind = [c for c in curve if "independent" in c]
+            if ind:  # two disjoint subsets of that size: no shared data flattering the agreement
+                ax.errorbar([c["samples"] for c in ind], [c["independent"] for c in ind],
+                            yerr=[c["independent_sd"] for c in ind], ls="--", lw=1.2, mfc="white", **style)
+            low = min([low] + [c["mean"] - c["sd"] for c in curve] +
+                      [c["independent"] - c["independent_sd"] for c in ind])
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([str(t) for t in sorted(ticks)])
-        ax.set_ylim(0, 1.02)
         ax.set_title(name, fontsize=12)
         ax.set_xlabel("calibration samples used", fontsize=11)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=10)
-    axes[0].set_ylabel("agreement with full-data plan\n(mean Jaccard of kept experts)", fontsize=11)
+    axes[0].set_ylim(max(0.0, math.floor(low * 10 - 0.5) / 10), 1.02)
+    axes[0].set_ylabel("plan agreement\n(mean Jaccard of kept experts)", fontsize=11)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=10, title="method")
+    handles += [Line2D([], [], color="0.3", lw=1.8), Line2D([], [], color="0.3", lw=1.2, ls="--")]
+    labels += ["vs full-data plan", "two disjoint subsets"]
+    fig.legend(handles, labels, loc="outside right center", fontsize=10, title="method / comparison")
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
 
@@ -70,9 +81,12 @@ def stability_markdown(boot: Mapping[str, Any], suff: Sequence[Mapping[str, Any]
                      f"{_fmt_experts(boot['unstable'][li], boot['flip_rate'][li])} |")
     if suff:
         lines += ["", ("Sufficiency (subsamples without replacement, mean Jaccard over layers against the "
-                       "full-data plan, mean ± sd over draws):"), "", "| fraction | samples | agreement |",
-                  "|---|---|---|"]
-        lines += [f"| {c['fraction']:.3g} | {c['samples']} | {c['mean']:.3f} ± {c['sd']:.3f} |" for c in suff]
+                       "full-data plan, and between the plans of two disjoint subsets of that size; mean ± sd over "
+                       "draws):"), "", "| fraction | samples | vs full-data plan | two disjoint subsets |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['fraction']:.3g} | {c['samples']} | {c['mean']:.3f} ± {c['sd']:.3f} | "
+                  + (f"{c['independent']:.3f} ± {c['independent_sd']:.3f} |" if "independent" in c else "- |")
+                  for c in suff]
     if agree:
         lines += ["", f"Agreement between methods ({', '.join(agree['methods'])}), full-data plans:", "",
                   "| layer | kept by every method | contested (methods keeping it) |", "|---|---|---|"]
