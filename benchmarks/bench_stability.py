@@ -8,6 +8,7 @@ between methods. No model forward after the observe pass.
 
     python -m benchmarks.toy_moe.train            # once
     python benchmarks/bench_stability.py          # writes benchmarks/results/stability.{jsonl,md,png}
+    python benchmarks/bench_stability.py --dtype bfloat16 --out benchmarks/results/stability-bf16
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from benchmarks.bench_quality import calibration
 from benchmarks.toy_moe.corpus import load_splits
 from benchmarks.toy_moe.model import load_toy_model
 from moeprune.methods import Target, get_method
-from moeprune.observe import observe
+from moeprune.observe import ExpertStats, observe
 from moeprune.report.stability import plot_sufficiency
 from moeprune.stability import agreement, bootstrap, sufficiency
 
@@ -100,9 +101,16 @@ def main() -> None:
     model, tok = load_toy_model(a.toy_dir)
     model = model.to(getattr(torch, a.dtype))
     t0 = time.time()
-    batches = calibration(splits, tok, a.per_domain, a.seq_len, batch_size=1)  # one sample per batch
-    stats = observe(model, batches, features=("routed", "direction"), data={"source": "toy-moe calib splits"})
-    print(f"observe: {len(batches)} samples in {time.time() - t0:.1f}s ({a.dtype})")
+    data = {"source": "toy-moe calib splits", "per_domain": a.per_domain, "seq_len": a.seq_len, "dtype": a.dtype}
+    stats_dir = f"{a.out}-{a.dtype}-stats"  # git-ignored (benchmarks/results/*-stats/)
+    if os.path.isfile(os.path.join(stats_dir, "stats.json")) and ExpertStats.load(stats_dir).meta["data"] == data:
+        stats = ExpertStats.load(stats_dir)  # the same calibration pass: reuse it
+    else:
+        batches = calibration(splits, tok, a.per_domain, a.seq_len, batch_size=1)  # one sample per batch
+        stats = observe(model, batches, features=("routed", "direction"), data=data)
+        stats.save(stats_dir)
+    n = stats.meta["num_samples"]
+    print(f"observe: {n} samples in {time.time() - t0:.1f}s ({a.dtype})")
     t1 = time.time()
     rows, panels = run(stats, a.methods, a.sparsities, a.resamples, a.subsamples, a.seed)
     print(f"resampling: {time.time() - t1:.1f}s")
@@ -112,7 +120,7 @@ def main() -> None:
     md = to_markdown(rows)
     with open(a.out + ".md", "w") as f:
         f.write(md)
-    plot_sufficiency(panels, a.out + ".png", title=f"Toy MoE ({len(batches)} calibration samples, {a.dtype}): "
+    plot_sufficiency(panels, a.out + ".png", title=f"Toy MoE ({n} calibration samples, {a.dtype}): "
                      "plan agreement vs samples used")
     print("\n" + md + f"results in {a.out}.jsonl / .md / .png")
 

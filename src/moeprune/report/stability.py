@@ -34,13 +34,14 @@ def plot_sufficiency(panels: Mapping[str, Mapping[str, Sequence[Mapping[str, Any
     for ax, (name, curves) in zip(axes, panels.items()):
         ticks: set[int] = set()
         for i, (label, curve) in enumerate(curves.items()):
-            xs = [c["samples"] for c in curve]
-            ticks.update(xs)
+            ticks.update(c["samples"] for c in curve)
+            dodge = 2 ** (0.04 * (i - (len(curves) - 1) / 2))  # side by side on the log axis, bars readable
+            xs = [c["samples"] * dodge for c in curve]
             style = {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
             ax.errorbar(xs, [c["mean"] for c in curve], yerr=[c["sd"] for c in curve], label=label, lw=1.8, **style)
             ind = [c for c in curve if "independent" in c]
             if ind:  # two disjoint subsets of that size: no shared data flattering the agreement
-                ax.errorbar([c["samples"] for c in ind], [c["independent"] for c in ind],
+                ax.errorbar([c["samples"] * dodge for c in ind], [c["independent"] for c in ind],
                             yerr=[c["independent_sd"] for c in ind], ls="--", lw=1.2, mfc="white", **style)
             low = min([low] + [c["mean"] - c["sd"] for c in curve] +
                       [c["independent"] - c["independent_sd"] for c in ind])
