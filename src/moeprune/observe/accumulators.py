@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moeprune.observe.partials import INDEX, is_partial, stack_partials, unstack_partials
 from moeprune.observe.record import MoERecord
 from moeprune.observe.stats import SCHEMA
 
@@ -31,13 +32,16 @@ class Accumulator:
 
     group = ""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], partials: bool = False):
         bad = [n for n in shapes if SCHEMA.get(n, ("",))[0] != self.group]
         if bad:
             raise ValueError(f"{type(self).__name__}: {bad} are not statistics of group {self.group!r}")
         self.shapes = shapes
         self._state: dict[str, torch.Tensor] = {}
         self._parts: dict[str, list[torch.Tensor]] = {}
+        # per-batch partial sums / maxima (``observe/partials.py``): batch index -> {name: tensor}
+        self._partials: dict[int, dict[str, torch.Tensor]] | None = {} if partials else None
+        self._cur: dict[str, torch.Tensor] | None = None
         for name, shape in shapes.items():
             if SCHEMA[name][1] == "cat":
                 self._parts[name] = []
@@ -53,8 +57,32 @@ class Accumulator:
             if t.device != device:
                 self._state[n] = t.to(device)
 
+    def _begin(self, rec: MoERecord) -> None:
+        """Select the partial state of ``rec``'s batch (when partials are kept)."""
+        if self._partials is None:
+            return
+        cur = self._partials.get(rec.batch_index)
+        if cur is None:
+            cur = self._partials[rec.batch_index] = {n: torch.zeros_like(t) for n, t in self._state.items()}
+        self._cur = {n: (t if t.device == rec.idx.device else t.to(rec.idx.device)) for n, t in cur.items()}
+        self._partials[rec.batch_index] = self._cur
+
+    def _targets(self, name: str) -> list[torch.Tensor]:
+        return [self._state[name]] if self._cur is None else [self._state[name], self._cur[name]]
+
     def _index_add(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
-        self._state[name].index_add_(0, ids, values.double())
+        v = values.double()
+        for t in self._targets(name):
+            t.index_add_(0, ids, v)
+
+    def _amax_at(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        v = values.double()
+        for t in self._targets(name):
+            t.scatter_reduce_(0, ids, v, "amax")
+
+    def _add(self, name: str, value: torch.Tensor | float) -> None:
+        for t in self._targets(name):
+            t += value
 
     def _cat(self, name: str, value: torch.Tensor) -> None:
         self._parts[name].append(value.detach().double().cpu())
@@ -65,12 +93,17 @@ class Accumulator:
         for n, parts in self._parts.items():
             out[n] = torch.cat(parts) if parts else torch.zeros((0, *self.shapes[n]), dtype=torch.float64)
             self._parts[n] = [out[n]] if parts else []
+        if self._partials is not None:
+            out.update(stack_partials(self._partials, {n: t.shape for n, t in self._state.items()}))
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.result()
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> Accumulator:
+        if self._partials is not None and INDEX in sd:
+            self._partials, self._cur = unstack_partials(sd), None
+        sd = {n: t for n, t in sd.items() if not is_partial(n)}
         if set(sd) != set(self.shapes):
             raise ValueError(f"{type(self).__name__}: state has {sorted(sd)}, expected {sorted(self.shapes)}")
         for n, t in sd.items():
@@ -92,6 +125,15 @@ class Accumulator:
         for n in self._parts:
             if theirs[n].shape[0]:
                 self._parts[n].append(theirs[n])
+        if (self._partials is None) != (other._partials is None):
+            raise ValueError(f"cannot merge {type(self).__name__}s with and without per-batch partials")
+        if self._partials is not None:
+            dup = sorted(set(self._partials) & set(other._partials))
+            if dup:
+                raise ValueError(f"{type(self).__name__}: batches {dup} observed twice; merge shards of "
+                                 "distinct batches (observe(..., batch_offset=...))")
+            self._partials.update(unstack_partials(theirs))
+            self._cur = None
         return self
 
 
@@ -136,12 +178,12 @@ class RoutedAccumulator(Accumulator):
 
     group = "routed"
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, partials: bool = False):
         e = (num_experts,)
         names = ["tokens", "count", "gate_sum", "norm_sum", "norm_sq_sum", "gate_norm_sum", "gate_norm_sq_sum",
                  "max_act", "max_act_signed", "prob_sum"]
         names += [f"{g}{suffix}" for g in REF_GATES.values() for suffix in ("_sum", "_norm_sum", "_norm_sq_sum")]
-        super().__init__({n: (() if n == "tokens" else e) for n in names})
+        super().__init__({n: (() if n == "tokens" else e) for n in names}, partials)
         self.num_experts = num_experts
 
     def _gate_moments(self, prefix: str, ids: torch.Tensor, g: torch.Tensor, n: torch.Tensor) -> None:
@@ -151,6 +193,7 @@ class RoutedAccumulator(Accumulator):
 
     def update(self, rec: MoERecord) -> None:
         self._to(rec.idx.device)
+        self._begin(rec)
         f = rec.slot_out  # [S, H]
         nrm = torch.linalg.vector_norm(fp(f), dim=-1)  # [S]
         top, bottom = f.amax(-1), f.amin(-1)  # [S] signed max element and min element of each f
@@ -166,11 +209,11 @@ class RoutedAccumulator(Accumulator):
         self._gate_moments("gate", ids, g, n)
         self._gate_moments(REF_GATES["softmax"], ids, gs.double(), n)
         self._gate_moments(REF_GATES["renorm"], ids, gr.double(), n)
-        self._state["max_act"].scatter_reduce_(0, ids, a.double(), "amax")
-        self._state["max_act_signed"].scatter_reduce_(0, ids, s.double(), "amax")  # state starts at 0: floor 0
+        self._amax_at("max_act", ids, a)
+        self._amax_at("max_act_signed", ids, s)  # state starts at 0: floor 0
         vi = rec.valid_index
-        self._state["prob_sum"] += _sel(rec.probs, vi).double().sum(0)
-        self._state["tokens"] += float(rec.x.shape[0] if vi is None else vi.numel())
+        self._add("prob_sum", _sel(rec.probs, vi).double().sum(0))
+        self._add("tokens", float(rec.x.shape[0] if vi is None else vi.numel()))
 
 
 class DirectionAccumulator(Accumulator):
@@ -178,14 +221,15 @@ class DirectionAccumulator(Accumulator):
 
     group = "direction"
 
-    def __init__(self, num_experts: int):
-        super().__init__({"gate_norm_dir_sum": (num_experts,), "easyep_sum": (num_experts,)})
+    def __init__(self, num_experts: int, partials: bool = False):
+        super().__init__({"gate_norm_dir_sum": (num_experts,), "easyep_sum": (num_experts,)}, partials)
         self.num_experts = num_experts
 
     def update(self, rec: MoERecord) -> None:
         if rec.residual is None:
             raise ValueError("the direction feature needs the residual stream (MoECapture(residual=True))")
         self._to(rec.idx.device)
+        self._begin(rec)
         m = _routed_slots(rec, self.num_experts)
         f, x = fp(_pick(rec.slot_out, m)), fp(_pick(rec.slot_x, m))  # [S, H]
         ids, g, tok = _pick(rec.slot_expert, m), fp(_pick(rec.slot_weight, m)), _pick(rec.slot_token, m)

@@ -17,7 +17,7 @@ from torch import nn
 from moeprune.observe.experts import build_banks
 from moeprune.observe.recon_cache import DEFAULT_MAX_GB, check_recon_options, plan_recon_cache
 from moeprune.observe.runner import as_batch, normalize_features, observe
-from moeprune.observe.stats import SCHEMA, ExpertStats
+from moeprune.observe.stats import ExpertStats, reduction
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -42,7 +42,7 @@ def _gather_layers(stats: ExpertStats, names: dict[int, list[str]], dst: int, gr
     for li in sorted(names):
         for name in names[li]:
             t = stats.layers[li][name]
-            if SCHEMA.get(name, ("", "sum"))[1] in ("sum", "max"):
+            if reduction(name) in ("sum", "max"):
                 buf = t.to(dev, torch.float64).contiguous()
                 parts = [torch.empty_like(buf) for _ in range(world)] if rank == dst else None
                 dist.gather(buf, parts, dst=dst, group=group)

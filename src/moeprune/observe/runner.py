@@ -47,8 +47,10 @@ class Observer:
     """Per-layer accumulators of the requested features; callable on each ``MoERecord``."""
 
     def __init__(self, banks: dict[int, ExpertBank], features: Iterable[str] | str = ("routed",), *,
-                 seed: int = 0, recon_tokens: int | None = None, recon: ReconCachePlan | None = None):
+                 seed: int = 0, recon_tokens: int | None = None, recon: ReconCachePlan | None = None,
+                 partials: bool = True):
         self.banks, self.features = banks, normalize_features(features)
+        self.partials = partials  # per-batch partials of the cheap groups (observe/partials.py)
         self.seed, self.recon = seed, recon  # recon: the cache decision, recorded in meta["recon"]
         self.recon_tokens = recon.tokens_per_batch if recon is not None else recon_tokens
         self.layers = sorted(banks)
@@ -72,9 +74,9 @@ class Observer:
 
     def _make(self, bank: ExpertBank) -> dict[str, Accumulator]:
         e, h = bank.num_experts, bank.hidden_size
-        acc: dict[str, Accumulator] = {"routed": RoutedAccumulator(e)}
+        acc: dict[str, Accumulator] = {"routed": RoutedAccumulator(e, self.partials)}
         if "direction" in self.features:
-            acc["direction"] = DirectionAccumulator(e)
+            acc["direction"] = DirectionAccumulator(e, self.partials)
         if "neurons" in self.features:
             if bank.intermediate_size is None or bank.post_norm:
                 raise ValueError(f"layer {bank.layer} ({type(bank.experts).__name__}): expert neurons are not "
@@ -245,8 +247,8 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[str] | str, *, seed: int,
-                   recon_tokens: int | None, recon_max_gb: float | None,
-                   recon: ReconCachePlan | None = None) -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
+                   recon_tokens: int | None, recon_max_gb: float | None, recon: ReconCachePlan | None = None,
+                   partials: bool = True) -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
     """The Observer, with the ``reconstruction`` cache decided from ALL ``batches`` before calibration
     (``recon`` given: a decision already made on the full data, e.g. by ``observe_distributed``)."""
     check_recon_options(recon_tokens, recon_max_gb)
@@ -254,14 +256,14 @@ def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[
     if "reconstruction" in feats and recon is None:
         batches = [as_batch(b) for b in batches]
         recon = plan_recon_cache(banks, batches, tokens_per_batch=recon_tokens, max_gb=recon_max_gb)
-    return Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon), batches
+    return Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon, partials=partials), batches
 
 
 def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
             progress: bool = True, seed: int = 0, recon_tokens: int | None = None,
             recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
             data: Mapping[str, Any] | None = None, batch_offset: int = 0,
-            recon: ReconCachePlan | None = None) -> ExpertStats:
+            recon: ReconCachePlan | None = None, partials: bool = True) -> ExpertStats:
     """One calibration pass over ``batches`` collecting ``features`` (see ``observe/stats.py::SCHEMA``).
 
     ``batches``: LongTensors ``[B, S]`` or dicts with ``input_ids`` (+ ``attention_mask``; 0 = padding,
@@ -269,9 +271,10 @@ def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str]
     that exceeds ``recon_max_gb`` GB (then a seeded subsample per batch, with a warning) or ``recon_tokens``
     (tokens per batch, ``seed`` seeds the choice) asks for a subsample; see ``observe/recon_cache.py``.
     ``data`` is recorded in ``meta["data"]``; ``batch_offset`` is the global index of the first batch (for
-    shards)."""
+    shards). ``partials`` keeps each batch's own ``routed`` / ``direction`` sums next to the totals
+    (``observe/partials.py``: ``8 B (16 E + 1)`` bytes per layer for ``routed``), for ``moeprune stability``."""
     obs, batches = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
-                                  recon_max_gb=recon_max_gb, recon=recon)
+                                  recon_max_gb=recon_max_gb, recon=recon, partials=partials)
     run_batches(model, batches, obs, progress=progress, implementation=implementation, batch_offset=batch_offset)
     return obs.result(model, data)
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeprune.atomic import atomic_write, atomic_write_text
+from moeprune.observe.partials import is_partial, merge_partial_layer
 
 STATS_FORMAT = "moeprune.stats/v1"
 
@@ -80,6 +81,15 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
                        ("selection-only router bias (e_score_correction_bias, expert_bias, moe_statics) added "
                         "to the scores for top-k choice only; zeros when the router has none")),
 }
+# Per-batch partials of the cheap groups are saved beside the totals as ``<name>@batch`` [B, ...] plus
+# ``batch_index@batch`` [B] (observe/partials.py); they concatenate (in batch order) on merge.
+
+
+def reduction(name: str) -> str:
+    """``sum`` / ``max`` / ``cat`` of a saved statistic (partials ``<name>@batch`` concatenate)."""
+    return "cat" if is_partial(name) else SCHEMA.get(name, ("", "sum"))[1]
+
+
 FEATURES = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction")
 
 
@@ -132,8 +142,11 @@ class ExpertStats:
             mine = self.layers[li]
             if set(mine) != set(d):
                 raise ValueError(f"layer {li}: statistics differ: {sorted(set(mine) ^ set(d))}")
+            merge_partial_layer(mine, d)
             for name, t in d.items():
-                red = SCHEMA.get(name, ("", "sum"))[1]
+                red = reduction(name)
+                if red == "cat" and is_partial(name):
+                    continue  # concatenated in batch order by merge_partial_layer
                 if red == "sum":
                     mine[name] = mine[name] + t
                 elif red == "max":
