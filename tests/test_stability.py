@@ -161,3 +161,16 @@ def test_disjoint_halves_disagree_exactly_as_hand_computed():
                       n_resamples=10, seed=1)[0]
     assert res["batches"] == 4 and res["independent"] == pytest.approx(1 / 3) and res["independent_sd"] < 1e-12
     assert all(d == pytest.approx(1.0) or d == pytest.approx(1 / 3) for d in res["draws"])
+
+
+def test_report_includes_the_stability_section(observed, tmp_path, capsys):
+    from moeprune.cli import main
+    from moeprune.report import make_report
+
+    stats_dir = observed[torch.float32].save(tmp_path / "run" / "stats")
+    rc = main(["stability", stats_dir, "--method", "reap", "--sparsity", "0.5", "--resamples", "4",
+               "--subsamples", "2"])  # default out: STATS/stability-reap-0.5
+    assert rc == 0, capsys.readouterr().err
+    report = make_report(tmp_path / "run")[-1]
+    text = open(report, encoding="utf-8").read()
+    assert "## Calibration stability (stability-reap-0.5)" in text and "| layer | mean Jaccard |" in text

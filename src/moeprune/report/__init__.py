@@ -76,6 +76,17 @@ def _eval_rows(path: str, plan) -> list[dict[str, Any]]:
     return [{**defaults, **data}]
 
 
+def _find_stability(run_dir: str, stats_dir: str | None) -> list[str]:
+    """``stability.json`` files written by ``moeprune stability`` under the run or its statistics."""
+    found = []
+    for base in dict.fromkeys(d for d in (run_dir, stats_dir) if d):
+        for name in sorted(os.listdir(base)):
+            path = os.path.join(base, name, "stability.json")
+            if name.startswith("stability") and os.path.isfile(path):
+                found.append(path)
+    return found
+
+
 def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[str]:
     """Render every artifact found in ``run_dir`` into ``out_dir`` (default ``run_dir/report``);
     returns the written paths (``report.md`` last)."""
@@ -134,6 +145,11 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                         )
                     )
                     md += [f"![{metric}]({metric}_vs_sparsity.png)", ""]
+    for path in _find_stability(run_dir, stats_dir):
+        from moeprune.report.stability import stability_section
+
+        md += [f"## Calibration stability ({os.path.basename(os.path.dirname(path))})", "",
+               stability_section(path), ""]
     report = os.path.join(out_dir, "report.md")
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(report, "\n".join(md))
