@@ -1,6 +1,8 @@
 """Per-batch partials (observe) and plan stability under resampled calibration data (moeprune.stability)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -172,5 +174,5 @@ def test_report_includes_the_stability_section(observed, tmp_path, capsys):
                "--subsamples", "2"])  # default out: STATS/stability-reap-0.5
     assert rc == 0, capsys.readouterr().err
     report = make_report(tmp_path / "run")[-1]
-    text = open(report, encoding="utf-8").read()
+    text = Path(report).read_text(encoding="utf-8")
     assert "## Calibration stability (stability-reap-0.5)" in text and "| layer | mean Jaccard |" in text
