@@ -21,7 +21,7 @@ Setup (once; builds llama.cpp on CPU, several minutes)::
 Run::
 
     PYTHONPATH=src python benchmarks/check_gguf.py [--archs qwen3_moe olmoe ...] [--outtype f32 bf16]
-        [--workdir DIR] [--json results.jsonl]
+        [--writer save_pruned|streaming] [--convert-only] [--workdir DIR] [--json results.jsonl]
 
 Exit status 0 iff every requested (family, outtype) converted, loaded and matched.
 """
@@ -118,13 +118,15 @@ def half_plan(model):
     return PruningPlan(layers=layers, method="half", model_type=model.config.model_type)
 
 
-def export_pruned(arch: str, folder: Path, dtype: str = "float32"):
-    """Prune ``tiny:<arch>`` to half its experts, save it, reload it with plain ``from_pretrained`` and
-    return ``(reloaded model, its logits [T, V] on TOKENS as float32 numpy)``."""
+def export_pruned(arch: str, folder: Path, dtype: str = "float32", writer: str = "save_pruned"):
+    """Prune ``tiny:<arch>`` to half its experts, write it (``writer``: ``save_pruned`` of the model
+    pruned in memory, or ``streaming``: the unpruned checkpoint rewritten by ``rewrite_checkpoint``),
+    reload it with plain ``from_pretrained`` and return ``(reloaded model, its logits [T, V] on TOKENS
+    as float32 numpy)``."""
     import torch
     import transformers
 
-    from moeprune.apply import apply_plan, save_pruned
+    from moeprune.apply import apply_plan, rewrite_checkpoint, save_pruned
     from moeprune.arch.tiny import rerandomize_, tiny_config
     from moeprune.models import byte_tokenizer
 
@@ -135,8 +137,15 @@ def export_pruned(arch: str, folder: Path, dtype: str = "float32"):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model = rerandomize_(model, seed=1).to(torch_dtype)  # as tiny_model(arch) builds it
-    apply_plan(model, half_plan(model))
-    save_pruned(model, folder, plan=None, tokenizer=byte_tokenizer(), overwrite=True)
+    plan = half_plan(model)
+    if writer == "streaming":
+        src = folder.with_name(folder.name + "-src")
+        model.save_pretrained(src)
+        byte_tokenizer().save_pretrained(src)
+        rewrite_checkpoint(src, plan, folder, overwrite=True, progress=False)
+    else:
+        apply_plan(model, plan)
+        save_pruned(model, folder, plan=None, tokenizer=byte_tokenizer(), overwrite=True)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
     with torch.no_grad():
         return reloaded, reloaded(torch.tensor([TOKENS])).logits[0].float().numpy()
@@ -215,14 +224,15 @@ def compare(ref, got) -> dict:
     return {"max_rel_diff": rel, "greedy_agree": agree}
 
 
-def check_family(arch: str, workdir: Path, outtype: str, llama: Path, python: str, no_run: bool = False) -> dict:
+def check_family(arch: str, workdir: Path, outtype: str, llama: Path, python: str, no_run: bool = False,
+                 writer: str = "save_pruned") -> dict:
     """One (family, outtype): export, convert, check the GGUF contents, load in llama.cpp, compare
     logits (``no_run``: stop after the contents check, status ``converted``). Never raises: the
     stage that failed and its message are in the result."""
-    row: dict = {"arch": arch, "outtype": outtype, "status": "ok"}
-    folder, gguf = workdir / f"{arch}-{outtype}", workdir / f"{arch}-{outtype}.gguf"
+    row: dict = {"arch": arch, "outtype": outtype, "writer": writer, "status": "ok"}
+    folder, gguf = workdir / f"{arch}-{outtype}-{writer}", workdir / f"{arch}-{outtype}-{writer}.gguf"
     try:
-        model, ref = export_pruned(arch, folder, "bfloat16" if outtype == "bf16" else "float32")
+        model, ref = export_pruned(arch, folder, "bfloat16" if outtype == "bf16" else "float32", writer)
     except Exception as e:  # noqa: BLE001 - reported per family
         return {**row, "status": "export-failed", "error": str(e)[-800:]}
     try:
@@ -252,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where folders and GGUFs go (default: a temp dir)")
     p.add_argument("--llama-cpp", default=None, help="llama.cpp folder with convert_hf_to_gguf.py")
     p.add_argument("--llama-python", default=None, help="python with llama_cpp installed")
+    p.add_argument("--writer", choices=["save_pruned", "streaming"], default="save_pruned",
+                   help="how the pruned folder is written: in-memory save_pruned or the shard rewriter")
     p.add_argument("--convert-only", action="store_true",
                    help="convert and check the GGUF contents, do not run llama.cpp (no llama_cpp needed)")
     p.add_argument("--json", default=None, help="append one JSON line per result to this file")
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for arch in archs:
         for outtype in a.outtype:
-            row = check_family(arch, work, outtype, llama, python, a.convert_only)
+            row = check_family(arch, work, outtype, llama, python, a.convert_only, a.writer)
             bad += row["status"] not in ("ok", "converted")
             keys = ("expert_count", "router_max_abs_diff", "max_rel_diff", "greedy_agree")
             nums = " ".join(f"{k}={row[k]:.3g}" for k in keys if k in row) or row.get("error", "").splitlines()[-1:]
