@@ -54,15 +54,24 @@ SETUP = ("set MOEPRUNE_LLAMA_CPP to the llama.cpp folder holding convert_hf_to_g
          "llama-cpp-python==0.3.36 sdist) and MOEPRUNE_LLAMA_PYTHON to a python where `import llama_cpp` works; "
          "see the setup steps at the top of benchmarks/check_gguf.py")
 
-# Runs llama.cpp's converter; with --toy-tokenizer the BPE pre-tokenizer lookup (a hash of the
-# tokenization of a test string, unknown for a toy tokenizer) answers "gpt-2".
+# Runs llama.cpp's converter; for the toy tokenizer ("1") every family writes its vocab as a GPT-2 BPE
+# vocab (families otherwise look for sentencepiece files or special tokens the toy has not) and the BPE
+# pre-tokenizer lookup (a hash of the tokenization of a test string, unknown for a toy) answers "gpt-2".
 _CONVERT = r"""
 import os, runpy, sys
 llama_dir, toy, *argv = sys.argv[1:]
 sys.path[:0] = [llama_dir, os.path.join(llama_dir, "gguf-py")]
 if toy == "1":
+    import conversion
     from conversion import base
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    _get = conversion.get_model_class
+
+    def _toy_vocab(name, mmproj=False):  # every family reads the toy tokenizer as a GPT-2 BPE vocab
+        cls = _get(name, mmproj)
+        attrs = {"set_vocab": lambda self: self._set_vocab_gpt2(), "model_arch": cls.model_arch}
+        return cls if mmproj else type(cls.__name__, (cls,), attrs)
+    conversion.get_model_class = _toy_vocab
 script = os.path.join(llama_dir, "convert_hf_to_gguf.py")
 sys.argv = [script, *argv]
 runpy.run_path(script, run_name="__main__")
