@@ -160,6 +160,14 @@ def export_pruned(arch: str, folder: Path, dtype: str = "float32", writer: str =
         return reloaded, reloaded(torch.tensor([TOKENS])).logits[0].float().numpy()
 
 
+def _router_weight(router, n: int):
+    """The router's ``[n, H]`` logit weight (some routers wrap it in a sub-module)."""
+    for _, p in router.named_parameters():
+        if p.dim() == 2 and p.shape[0] == n:
+            return p.detach().float().numpy()
+    raise AssertionError(f"no [{n}, H] weight in router {type(router).__name__}")
+
+
 def gguf_contents(gguf: Path, model, llama: Path) -> dict:
     """Check the GGUF against the pruned model without running llama.cpp: ``<arch>.expert_count``
     equals the kept count, every ``*_exps`` tensor has that many experts, and each MoE layer's router
@@ -187,7 +195,7 @@ def gguf_contents(gguf: Path, model, llama: Path) -> dict:
             assert int(t.shape[-1]) == kept, f"{name} has {int(t.shape[-1])} experts, expected {kept}"
     diff = 0.0
     for li, _, block in iter_moe_blocks(model):
-        router = get_router(block).weight.detach().float().numpy()  # [E_kept, H]
+        router = _router_weight(get_router(block), kept)  # [E_kept, H]
         t = tensors[f"blk.{li}.ffn_gate_inp.weight"]
         raw = np.asarray(t.data)
         if t.tensor_type == Q.BF16:  # stored as raw uint16: the high half of a float32
@@ -252,6 +260,8 @@ def check_family(arch: str, workdir: Path, outtype: str, llama: Path, python: st
         row.update(gguf_contents(gguf, model, llama))
     except (AssertionError, KeyError) as e:
         return {**row, "status": "gguf-mismatch", "error": repr(e)}
+    except Exception as e:  # noqa: BLE001 - a harness gap for one family must not stop the others
+        return {**row, "status": "contents-check-failed", "error": repr(e)}
     if no_run:
         return {**row, "status": "converted"}
     try:
