@@ -42,14 +42,19 @@ EXTRA = ("deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "ernie4_5_moe", "gra
 # Tiny-config fields changed for the check (not moeprune output): the tiny qwen3_moe has a dense first
 # layer (``mlp_only_layers=[0]``), which released Qwen3-MoE checkpoints do not have and llama.cpp's
 # qwen3moe graph does not implement.
-CONFIG_OVERRIDES = {"qwen3_moe": {"mlp_only_layers": []}}
+# OLMoE and dots1 in llama.cpp assume as many K/V heads as query heads (as their released checkpoints
+# have); the tiny configs use grouped K/V heads.
+CONFIG_OVERRIDES = {"qwen3_moe": {"mlp_only_layers": []}, "olmoe": {"num_key_value_heads": 4},
+                    "dots1": {"num_key_value_heads": 4}}
 # A fixed prompt of token ids (ids 0-2 are pad/bos/eos of the tiny configs).
 TOKENS = [5, 77, 130, 9, 200, 41, 33, 250, 18, 99, 64, 7]
 # Relative tolerance on max |logit difference| / max |logit|: f32 GGUF (f32 KV cache) has the exact
 # weights, the rest is float32 op order and llama.cpp's exp/rsqrt kernels (measured 7e-7 on qwen3_moe);
-# bf16 rounds every weight and llama.cpp also rounds activations to bf16 before each matmul (about 2^-8
-# relative per op over 3 layers), against transformers' own bf16 rounding.
-RTOL = {"f32": 1e-4, "bf16": 6e-2}
+# bf16 rounds every weight and llama.cpp also rounds activations to bf16 before each matmul, against
+# transformers' own bf16 rounding (measured 0.012-0.15 on the tiny families): the bf16 bound only catches
+# gross errors (a wrong expert or router row gives O(1), 0.7-1.2 measured on mis-routed cases); the exact
+# check is f32.
+RTOL = {"f32": 1e-4, "bf16": 0.2}
 
 SETUP = ("set MOEPRUNE_LLAMA_CPP to the llama.cpp folder holding convert_hf_to_gguf.py (vendor/llama.cpp of the "
          "llama-cpp-python==0.3.36 sdist) and MOEPRUNE_LLAMA_PYTHON to a python where `import llama_cpp` works; "
