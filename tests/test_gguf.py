@@ -97,11 +97,12 @@ def _llama_or_skip(module: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("writer", ["save_pruned", "streaming"])
 @pytest.mark.parametrize("outtype", ["f32", "bf16"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"])
-def test_uniform_checkpoint_converts_and_runs_in_llama_cpp(tmp_path, arch, outtype):
+def test_uniform_checkpoint_converts_and_runs_in_llama_cpp(tmp_path, arch, outtype, writer):
     h, llama, python = _llama_or_skip("llama_cpp")
-    row = h.check_family(arch, tmp_path, outtype, llama, python)
+    row = h.check_family(arch, tmp_path, outtype, llama, python, writer=writer)
     assert row["status"] == "ok", row
     assert row["expert_count"] == 4 and row["router_max_abs_diff"] == 0.0, row
     # f32: same weights, float32 op order only; bf16: see RTOL in the harness.
