@@ -114,7 +114,7 @@ def llama_dir(path: str | None = None) -> Path:
 
 def llama_python(python: str | None = None, module: str = "llama_cpp") -> str:
     """A python that imports ``module`` (argument, else ``$MOEPRUNE_LLAMA_PYTHON``, else this one).
-    The converter needs torch, numpy and sentencepiece there; the run needs ``llama_cpp``."""
+    The converter needs torch and numpy there; the run needs ``llama_cpp``."""
     python = python or os.environ.get("MOEPRUNE_LLAMA_PYTHON") or sys.executable
     ok = subprocess.run([python, "-c", f"import {module}"], check=False, capture_output=True).returncode == 0
     if not ok:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     archs = list(REQUIRED + EXTRA) if a.archs == ["all"] else a.archs
     try:
-        module = "sentencepiece" if a.convert_only else "llama_cpp"
+        module = "torch" if a.convert_only else "llama_cpp"
         llama, python = llama_dir(a.llama_cpp), llama_python(a.llama_python, module)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)

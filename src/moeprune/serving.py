@@ -7,8 +7,8 @@ load; any other plan saves per-layer shapes in ``config.moe_pruning`` that only 
 (``moeprune.load_pruned`` or ``trust_remote_code=True``). A few families tie another module's size to
 the expert fields (``WIDTH_TIED``, ``COUNT_TIED``): their verdict needs ``plan.model_type``; the saved
 ``config.json`` (``apply.config.is_per_layer``) is always the final word. ``warn_if_transformers_only(plan)`` is the
-one plan-stage warning (``moeprune plan`` / ``run`` call it); ``card_lines(plan)`` the model-card
-section. See docs/SERVING.md for what was verified.
+one plan-stage warning (for ``moeprune plan`` / ``run`` / ``oneshot`` to call after planning);
+``card_lines(plan)`` the model-card section. See docs/SERVING.md for what was verified.
 """
 from __future__ import annotations
 
