@@ -56,13 +56,20 @@ def check_neuron_ids(model: nn.Module, keep: dict[int, dict[int, list[int]]],
 ALIGN = 8  # channels: 16-byte rows in bf16/fp16 (32 in fp32), as grouped_mm requires
 
 
+def fused_width(counts: list[int], inter: int | None, align: int = ALIGN) -> int:
+    """The one fused width of a layer whose experts keep ``counts`` channels of ``inter``: the widest
+    count rounded up to a multiple of ``align``, at most ``inter`` (when known)."""
+    width = -(-max(counts) // align) * align
+    return width if inter is None else min(inter, width)
+
+
 def neuron_index(rows: list[list[int]], inter: int, align: int = ALIGN) -> tuple[torch.Tensor, torch.Tensor]:
     """``(idx, dead)`` ``[E, I_new]`` of one layer whose expert ``e`` keeps the sorted channels ``rows[e]``
     of ``inter``: the one fused width ``I_new`` is the widest count rounded up to a multiple of
     ``align`` (at most ``inter``); narrower experts are padded with their lowest removed channels,
     marked ``dead`` (to be zeroed). The single rule of the in-memory and the streaming apply."""
     n = len(rows)
-    width = min(inter, -(-max(len(r) for r in rows) // align) * align)
+    width = fused_width([len(r) for r in rows], inter, align)
     idx = torch.zeros(n, width, dtype=torch.long)   # [E, I_new] channels kept (padded)
     dead = torch.zeros(n, width, dtype=torch.bool)  # [E, I_new] padding channels to zero
     for e, r in enumerate(rows):
