@@ -380,3 +380,22 @@ def test_kl_batches_follow_the_calibration_rule(tiny_cache):
     assert res[0] == res[1] == res[2] and res[0]["tokens"] == 24
     with pytest.raises(TypeError):
         kl_divergence(m, [{"inputs_embeds": torch.zeros(1, 2, 4)}], candidate=m, progress=False)
+
+
+def test_card_and_plan_say_where_a_checkpoint_loads(caplog):
+    """Uniform plans: a plain checkpoint (engines listed); per-layer counts: transformers only, and the plan
+    stage warns with the serving-compatible alternative (allocation: uniform)."""
+    from moeprune.card import model_card
+    from moeprune.recipe import Recipe
+    from moeprune.serving import warn_if_transformers_only
+
+    uniform = PruningPlan.from_keep({0: [0, 1], 1: [1, 2]}, 4, model_type="qwen3_moe")
+    ragged = PruningPlan.from_keep({0: [0, 1], 1: [0, 1, 2]}, 4, model_type="qwen3_moe")
+    card_u = model_card(Recipe(model="tiny:qwen3_moe"), uniform, model_path="o/model")
+    card_r = model_card(Recipe(model="tiny:qwen3_moe"), ragged, model_path="o/model")
+    assert "## Where it runs" in card_u and "llama.cpp" in card_u and "AutoModelForCausalLM" in card_u
+    assert "transformers only" in card_r and "moeprune.load_pruned('o/model')" in card_r
+    with caplog.at_level(logging.WARNING, logger="moeprune"):
+        assert warn_if_transformers_only(uniform) == []
+        assert warn_if_transformers_only(ragged)
+    assert "allocation: uniform" in caplog.text

@@ -34,6 +34,7 @@ from moeprune.methods.registry import MethodConfig
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import PruningPlan
 from moeprune.recipe import CalibrationConfig, EvalConfig, Recipe
+from moeprune.serving import warn_if_transformers_only
 
 log = logging.getLogger("moeprune")
 OFFLOAD_DIR = ".offload"  # layer-wise runs: the decoder layers' weights on disk, deleted when the run ends
@@ -305,6 +306,7 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
         stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
                           stats_dir=os.path.join(out, "stats") if out else None)
         plan = method.plan(stats, r.target.build())
+        warn_if_transformers_only(plan)  # non-uniform / ragged: say where the result will (not) load
         if out:
             plan.save(os.path.join(out, "plan.json"))
         apply_fn = _apply_streaming if r.apply.mode == "streaming" else _apply_in_memory

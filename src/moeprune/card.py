@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from moeprune import __version__
 from moeprune.atomic import atomic_write_text
 from moeprune.plan import PruningPlan
+from moeprune.serving import card_lines, transformers_only_reasons
 
 
 def _fmt(v: Any) -> str:
@@ -35,7 +36,7 @@ def card_data(recipe: Any) -> ModelCardData:
 
 
 def _loading(plan: PruningPlan, path: str) -> list[str]:
-    if plan.is_uniform and not plan.has_neurons:
+    if not transformers_only_reasons(plan):
         return ["from transformers import AutoModelForCausalLM", f"model = AutoModelForCausalLM.from_pretrained({path!r})"]
     return ["import moeprune", f"model = moeprune.load_pruned({path!r})",
             f"# or: AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)"]
@@ -67,6 +68,7 @@ def model_card(recipe: Any, plan: PruningPlan, results: dict[str, Any] | None = 
             for k, v in (results.get(name) or {}).items():
                 if isinstance(v, (int, float)) and k in ("ppl", "kl", "top1_agreement", "tokens"):
                     lines.append(f"| {name} | {k} | {_fmt(v)} |")
+    lines += ["", *card_lines(plan)]
     lines += ["", "Full plan: `pruning_plan.json`; recipe: `recipe.yaml`.", ""]
     return str(ModelCard.from_template(card_data(recipe), template_str="---\n{{ card_data }}\n---\n\n"
                                        "{{ body }}", body="\n".join(lines)))

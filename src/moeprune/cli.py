@@ -138,6 +138,9 @@ def cmd_plan(a) -> None:
     target = Target(expert_sparsity=a.sparsity, param_ratio=a.param_ratio, memory_gb=a.memory_gb,
                     allocation=a.allocation, min_keep=a.min_keep)
     plan = method.plan(stats, target)
+    from moeprune.serving import warn_if_transformers_only
+
+    warn_if_transformers_only(plan)  # non-uniform / ragged: say where the result will (not) load
     plan.save(a.out)
     print(f"{plan.method}: expert sparsity {plan.expert_sparsity():.1%}, kept per layer {plan.kept_counts()} -> {a.out}")
 
