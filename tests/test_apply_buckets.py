@@ -18,20 +18,14 @@ from moeprune.arch.buckets import BucketedExperts
 from moeprune.arch.structure import iter_moe_blocks, num_experts_of
 from moeprune.arch.tiny import INTER, H
 from moeprune.plan import LayerPlan, PruningPlan
+from moeprune.testing import logits as _logits
+from moeprune.testing import state_dicts_equal as _sd_equal
 
 CORE = sorted(BUCKET_FAMILIES)
 DROP = (0, 4)  # one expert per DeepSeek-V3 router group of 4: group-limited routing stays exact
 WIDTHS = [32, 8, 16, 24, 8, 32, 16, 8]  # per expert, multiples of ALIGN=8 (as TENP's channel_multiple)
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
-def _sd_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return set(sa) == set(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _plan(model, drop: tuple[int, ...] = ()) -> PruningPlan:

@@ -16,16 +16,8 @@ from moeprune.arch.structure import ALIGN_BYTES, realign_tensors_
 from moeprune.arch.tiny import ALL_TINY_ARCHS
 from moeprune.plan import PruningPlan
 from moeprune.testing import example_plan
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
-def _sd_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return set(sa) == set(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+from moeprune.testing import logits as _logits
+from moeprune.testing import state_dicts_equal as _sd_equal
 
 
 def _clean(info):

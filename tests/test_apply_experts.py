@@ -13,12 +13,7 @@ from moeprune.arch.structure import current_top_k, group_info, num_experts_of
 from moeprune.arch.tiny import ALL_TINY_ARCHS
 from moeprune.plan import LayerPlan, PruningPlan
 from moeprune.testing import example_plan
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
+from moeprune.testing import logits as _logits
 
 CORE = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe")
 

@@ -16,16 +16,8 @@ from moeprune.arch.structure import intermediate_size_of, realign_tensors_
 from moeprune.arch.tiny import ALL_TINY_ARCHS
 from moeprune.plan import LayerPlan, PruningPlan
 from moeprune.testing import example_plan
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
-def _sd_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+from moeprune.testing import logits as _logits
+from moeprune.testing import state_dicts_equal as _sd_equal
 
 
 @pytest.mark.parametrize("arch", ALL_TINY_ARCHS)

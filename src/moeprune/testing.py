@@ -14,7 +14,7 @@ from moeprune.arch.structure import (
 )
 from moeprune.plan import LayerPlan, PruningPlan
 
-__all__ = ["example_plan"]
+__all__ = ["example_plan", "logits", "state_dicts_equal"]
 
 
 def example_plan(model: torch.nn.Module, *, seed: int = 0, uniform: bool = False,
@@ -42,3 +42,15 @@ def example_plan(model: torch.nn.Module, *, seed: int = 0, uniform: bool = False
                      for i, e in enumerate(sorted(keep))}
         layers[li] = LayerPlan(num_experts=n, keep=tuple(keep), neurons=chans)
     return PruningPlan(layers=layers, method="example", model_type=model.config.model_type)
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids).logits`` without autograd (the equivalence tests compare these)."""
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def state_dicts_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same keys, dtypes and values (bitwise): a reload must give back exactly what was saved."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
