@@ -335,11 +335,15 @@ def test_tiny_positions_warning_and_demo_fits(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="moeprune"):
         Recipe.model_validate({"model": "tiny:mixtral", "calibration": {"seq_len": 256}, "eval": {"seq_len": 64}})
     assert "seq_len=256 exceeds the 128 positions" in caplog.text
-    demo = build_parser().parse_args(["demo", str(tmp_path)])
-    from moeprune.recipe import apply_overrides
+    import json
 
-    r = Recipe.model_validate(apply_overrides({}, demo.set))
-    assert r.calibration.seq_len <= 128 and r.eval.seq_len <= 128
+    from moeprune.builtin_text import toy_moe_dir
+    from moeprune.demo import DemoConfig
+
+    # the demo's rows fit the positions of the model it prunes (the packaged toy MoE)
+    cfg_path = os.path.join(toy_moe_dir(), "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        assert DemoConfig().seq_len <= json.load(f)["max_position_embeddings"]
 
 
 def test_cli_defaults_are_the_recipe_defaults():

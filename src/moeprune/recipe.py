@@ -90,17 +90,18 @@ class MethodSpec(BaseModel):
 
 
 class TargetSpec(_Strict):
-    expert_sparsity: float | None = Field(None, ge=0.0, lt=1.0)
-    param_ratio: float | None = Field(None, gt=0.0, le=1.0)
-    memory_gb: float | None = Field(None, gt=0.0)
-    allocation: Literal["uniform", "global", "method"] = "uniform"
-    min_keep: int | None = Field(None, ge=1)
+    """The recipe's ``target``: the field types only; the budget rules (exactly one budget, its range,
+    allocation, min_keep) are ``methods.target.Target``'s, checked once by building it."""
+
+    expert_sparsity: float | None = None
+    param_ratio: float | None = None
+    memory_gb: float | None = None
+    allocation: str = "uniform"
+    min_keep: int | None = None
 
     @model_validator(mode="after")
-    def _one_budget(self):
-        given = [k for k in ("expert_sparsity", "param_ratio", "memory_gb") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"target needs exactly one of expert_sparsity, param_ratio, memory_gb; got {given or 'none'}")
+    def _target_rules(self):
+        self.build()  # raises ValueError with the Target's own message
         return self
 
     def build(self):
