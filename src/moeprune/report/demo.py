@@ -64,7 +64,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike) -> str:
                         label=m)
             ax.axhline(base[metric], color=UNPRUNED_COLOR, ls="--", lw=1,
                        label=f"unpruned ({base['ppl']:.1f} ppl)")
-            ax.set_xlabel("routed-expert parameters removed, planned (%)")
+            ax.set_xlabel("routed-expert parameters removed (%)")
             ax.set_ylabel(label)
             ax.set_xticks([100 * x for x in [0.0] + sorted({s for m in by for s in by[m]})])
             ax.xaxis.set_major_formatter(FuncFormatter(_plain))
@@ -180,10 +180,10 @@ def write_demo_report(out_dir: str | os.PathLike, rows: list[dict[str, Any]], pl
         ("Memory is that of all weights after `apply` (the saved part is the removed experts and channels; "
         f"tensors stored in {info['dtype']}). Plans: `plans/*.json`; raw numbers: `results.jsonl`."),
         "",
-        ("Neuron pruning (tenp) keeps its most important experts at full width and narrows the others. "
-         "transformers stores a layer's experts as one fused `[E, I, H]` tensor with a single width, so "
-         "narrowed experts are zero-padded to the widest one: `apply` saves memory only in layers with no "
-         "full-width expert, and its 'params removed' is the planned count, not the stored one."),
+        ("Neuron pruning (tenp) keeps its most important experts at full width and narrows the others; "
+         "`apply` stores such a layer's experts in a few width buckets (one fused tensor per width, "
+         "`config.moe_pruning['buckets']`), so its memory saving is real: the 'weights after apply' column "
+         "is measured on the applied model."),
         "",
         f"## Perplexity per held-out domain at {top:.0%}",
         "",
