@@ -17,9 +17,9 @@ from moeprune.apply import apply_plan
 from moeprune.apply.config import is_per_layer
 from moeprune.apply.neurons import fused_width
 from moeprune.arch.tiny import TINY_ARCHS
-from moeprune.testing import example_plan
 from moeprune.plan import LayerPlan, PruningPlan
 from moeprune.serving import card_lines, transformers_only_reasons, warn_if_transformers_only
+from moeprune.testing import example_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,9 +40,30 @@ def layer_width(lp: LayerPlan) -> int | None:
     return None if width == lp.intermediate_size else width
 
 
+def bucketed_layers(plan: PruningPlan) -> list[int]:
+    """Layers that ``apply`` (default ``ragged="auto"``) stores in width buckets: a bucket family whose
+    padded layout would waste more than ``MIN_WASTE`` (the same rule as ``apply.buckets.bucketize_``)."""
+    from moeprune.apply.buckets import BUCKET_FAMILIES, MIN_WASTE, waste
+    from moeprune.apply.neurons import fused_width
+
+    if plan.model_type not in BUCKET_FAMILIES:
+        return []
+    out = []
+    for li, lp in plan.layers.items():
+        if lp.neurons and lp.intermediate_size:
+            live = [len(lp.neurons[e]) if e in lp.neurons else lp.intermediate_size for e in lp.keep]
+            if waste(live, fused_width(live, lp.intermediate_size)) > MIN_WASTE:
+                out.append(li)
+    return out
+
+
 def transformers_only_reasons(plan: PruningPlan) -> list[str]:
     """Why the plan's checkpoint will need per-layer shapes (empty: it loads in every engine)."""
     reasons = []
+    bucketed = bucketed_layers(plan)
+    if bucketed:
+        reasons.append(f"experts of layers {bucketed} have different widths, stored in width buckets "
+                       "(apply's default; ragged='pad' stores one zero-padded width per layer instead)")
     counts = plan.kept_counts()
     if len(set(counts.values())) > 1:
         reasons.append(f"kept experts differ across layers ({min(counts.values())} to {max(counts.values())} "
