@@ -50,8 +50,9 @@ def bucketed_layers(plan: PruningPlan) -> list[int]:
         return []
     out = []
     for li, lp in plan.layers.items():
-        if lp.neurons and lp.intermediate_size:
-            live = [len(lp.neurons[e]) if e in lp.neurons else lp.intermediate_size for e in lp.keep]
+        full = lp.intermediate_size  # width of an expert without a neuron entry (None: unknown)
+        if lp.neurons and (full or all(e in lp.neurons for e in lp.keep)):
+            live = [len(lp.neurons[e]) if e in lp.neurons else full for e in lp.keep]
             if waste(live, fused_width(live, lp.intermediate_size)) > MIN_WASTE:
                 out.append(li)
     return out
