@@ -216,3 +216,13 @@ def load_offloaded_model(path: str, offload_folder: str, *, dtype: str | torch.d
     except (OSError, ValueError):
         tok = None
     return model.eval(), tok
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The one rule for "the model's device": where its input embeddings live (the inputs go there;
+    accelerate moves activations on from there), else its first non-meta parameter, else the CPU."""
+    try:
+        dev = model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return dev if dev.type != "meta" else torch.device("cpu")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moeprune.evaluate.perplexity import model_device
+from moeprune.models import input_device
 
 
 def _as_batch(b: Any) -> dict[str, torch.Tensor]:
@@ -34,7 +34,7 @@ def _as_batch(b: Any) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    dev = model_device(model)
+    dev = input_device(model)
     out = model(
         input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), use_cache=False
     )

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moeprune.models import input_device
+
 TextSource = str | os.PathLike | Sequence[str] | Sequence[int] | torch.Tensor
 
 
@@ -129,15 +131,11 @@ def iter_batches(
         yield {"input_ids": inp, "attention_mask": att, "score_mask": score}
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B, L]`` float32 NLL of each token given its prefix (position 0 gets 0): row by row so the
     float32 copy of the logits is ``[L, V]`` at most."""
-    dev = model_device(model)
+    dev = input_device(model)
     inp, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     logits = model(input_ids=inp, attention_mask=att, use_cache=False).logits  # [B, L, V]
     out = torch.zeros(inp.shape, dtype=torch.float32, device=dev)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.atomic import atomic_write, atomic_write_text, check_free_space, folder_bytes
+from moeprune.models import input_device
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
 from moeprune.observe.experts import build_banks
@@ -40,7 +41,6 @@ from moeprune.observe.runner import (
     as_batch,
     eval_mode,
     forward_kwargs,
-    input_device,
     recon_observer,
 )
 from moeprune.observe.stats import ExpertStats

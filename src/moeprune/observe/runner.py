@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.arch.structure import expert_indexed_tensors
+from moeprune.models import input_device
 from moeprune.observe.accumulators import (
     Accumulator,
     ClusterAccumulator,
@@ -225,14 +226,6 @@ def as_batch(b: Any) -> dict[str, Any]:
         return dict(b)
     raise TypeError(f"a calibration batch must be a LongTensor [B, S] or a mapping with input_ids; got "
                     f"{type(b).__name__}{sorted(b) if isinstance(b, Mapping) else ''}")
-
-
-def input_device(model: nn.Module) -> torch.device:
-    try:
-        dev = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return dev if dev.type != "meta" else torch.device("cpu")
 
 
 def forward_kwargs(model: nn.Module) -> dict[str, Any]:
