@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from moeprune.observe import load_offloaded, observe, observe_layerwise
+from moeprune.models import load_offloaded
+from moeprune.observe import observe, observe_layerwise
 
 FEATS = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction")
 

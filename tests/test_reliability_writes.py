@@ -267,7 +267,7 @@ def test_stale_temp_folders_are_cleaned_only_when_provably_ours(tmp_path):
 
 def test_free_space_checked_before_writing(world, tmp_path, monkeypatch, capsys):
     import moeprune.atomic
-    from moeprune.observe.layerwise import load_offloaded
+    from moeprune.models import load_offloaded
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(moeprune.atomic.shutil, "disk_usage", lambda p: usage._replace(free=1000))

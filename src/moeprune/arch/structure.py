@@ -380,3 +380,14 @@ def realign_tensors_(model: nn.Module, align: int = ALIGN_BYTES) -> int:
                         store[name] = fresh
                     n += 1
     return n
+
+
+def decoder_layers(model: nn.Module, block_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
+    """``(name, ModuleList)`` of the decoder layers holding the MoE blocks."""
+    names = list(block_names)
+    for lname, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and all(
+                n.startswith(lname + ".") and n[len(lname) + 1:].split(".")[0].isdigit() for n in names):
+            return lname, mod
+    raise NotImplementedError(f"{type(model).__name__}: no ModuleList holds every MoE block ({names[:3]}...); "
+                              "layer-wise calibration needs a stack of decoder layers")

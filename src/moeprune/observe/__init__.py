@@ -4,7 +4,7 @@
   callable with the same arguments, so ``from moeprune import observe; observe(model, batches)`` works;
   ``observe_dataset(model, tokenizer, source, ...)`` builds the batches first.
 * ``observe_layerwise(model, batches, checkpoint_dir=...)``: one decoder layer at a time (offloaded
-    models, resumable); ``load_offloaded(path, offload_folder)`` loads a model for it.
+    models, resumable); ``moeprune.models.load_offloaded(path, offload_folder)`` loads a model for it.
 * ``observe_distributed(model, batches)``: data-parallel over a torch.distributed group.
 * ``load_calibration(source, tokenizer, ...)`` -> ``Calibration(batches, meta)``; ``build_batches`` /
   ``load_texts`` are its parts; ``select_representatives`` is MoE Pathfinder's k-means selection.
@@ -22,7 +22,7 @@ from moeprune.observe.data import (
     select_representatives,
 )
 from moeprune.observe.distributed import observe_distributed, reduce_stats
-from moeprune.observe.layerwise import load_offloaded, observe_layerwise
+from moeprune.observe.layerwise import observe_layerwise
 from moeprune.observe.record import MoERecord
 from moeprune.observe.runner import Observer, observe, observe_dataset
 from moeprune.observe.stats import FEATURES, SCHEMA, ExpertStats
@@ -37,7 +37,6 @@ __all__ = [
     "Observer",
     "build_batches",
     "load_calibration",
-    "load_offloaded",
     "load_texts",
     "observe",
     "observe_dataset",

@@ -30,11 +30,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from moeprune.atomic import atomic_write, atomic_write_text, check_free_space, folder_bytes
+from moeprune.arch.structure import decoder_layers
+from moeprune.atomic import atomic_write, atomic_write_text
 from moeprune.models import input_device
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
-from moeprune.observe.experts import build_banks
 from moeprune.observe.recon_cache import DEFAULT_MAX_GB
 from moeprune.observe.runner import (
     Observer,
@@ -50,17 +50,6 @@ FORMAT = "moeprune.layerwise/v1"
 
 class _Stop(Exception):
     """Raised by the last stub layer: nothing after the decoder stack is needed."""
-
-
-def decoder_layers(model: nn.Module, block_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
-    """``(name, ModuleList)`` of the decoder layers holding the MoE blocks."""
-    names = list(block_names)
-    for lname, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and all(
-                n.startswith(lname + ".") and n[len(lname) + 1:].split(".")[0].isdigit() for n in names):
-            return lname, mod
-    raise NotImplementedError(f"{type(model).__name__}: no ModuleList holds every MoE block ({names[:3]}...); "
-                              "layer-wise calibration needs a stack of decoder layers")
 
 
 def _to(obj: Any, device, memo: dict[int, Any]) -> Any:
@@ -283,37 +272,3 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
             if ckpt:
                 ckpt.commit(i + 1, obs.state_dict())
     return obs.result(model, data)
-
-
-def offload_device_map(model: nn.Module, device: str = "cpu") -> dict[str, str]:
-    """A device map putting every decoder layer on ``"disk"`` and every other module on ``device``."""
-    lname, layers = decoder_layers(model, [b.name for b in build_banks(model).values()])
-    dmap = {f"{lname}.{i}": "disk" for i in range(len(layers))}
-    parts = lname.split(".")
-    for depth in range(len(parts)):
-        prefix = ".".join(parts[:depth])
-        parent = model.get_submodule(prefix)
-        for child, _ in parent.named_children():
-            full = f"{prefix}.{child}" if prefix else child
-            if full != ".".join(parts[:depth + 1]):
-                dmap[full] = device
-    return dmap
-
-
-def load_offloaded(path: str | os.PathLike, offload_folder: str | os.PathLike, *, device: str = "cpu", **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with every decoder layer offloaded to ``offload_folder``
-    (transformers converts the on-disk expert layout); pair it with ``observe_layerwise``."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    from moeprune.apply.shards import is_weight_file
-
-    if os.path.isdir(path):  # the decoder layers (nearly all the weights) are copied into offload_folder
-        check_free_space(offload_folder, folder_bytes(path, is_weight_file),
-                         f"the layer-wise offload copy of {path}'s weights in {offload_folder}")
-    config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items()
-                                                               if k == "trust_remote_code"})
-    with init_empty_weights():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map=offload_device_map(skeleton, device), offload_folder=os.fspath(offload_folder), **kwargs)
