@@ -12,7 +12,6 @@ from moeprune.observe import (
     build_batches,
     load_calibration,
     load_texts,
-    observe_dataset,
     select_representatives,
 )
 
@@ -102,14 +101,17 @@ def test_unpacked_samples_are_truncated_and_padded(tok):
         build_batches(texts, tok, num_samples=5, seq_len=4, packing=False)
 
 
-def test_calibration_meta_and_observe_dataset(tmp_path, tok, tiny_cache):
+def test_calibration_meta_and_calibrate(tmp_path, tok, tiny_cache):
     path = _jsonl(tmp_path / "t.jsonl", [{"text": f"sample {i} about experts and routers"} for i in range(20)])
     cal = load_calibration(path, tok, num_samples=4, seq_len=16, batch_size=2, seed=3)
     assert cal.meta["num_tokens"] == 64 and cal.meta["format"] == "text" and len(cal.batches) == 2
     assert load_calibration(path, tok, num_samples=4, seq_len=16, seed=3).meta["hash"] == cal.meta["hash"]
     assert load_calibration(path, tok, num_samples=4, seq_len=16, seed=4).meta["hash"] != cal.meta["hash"]
-    stats = observe_dataset(tiny_cache("qwen3_moe"), tok, path, num_samples=4, seq_len=16, batch_size=2,
-                            data_seed=3, progress=False)
+    from moeprune.observe import calibrate
+    from moeprune.recipe import CalibrationConfig
+
+    cfg = CalibrationConfig(dataset=str(path), num_samples=4, seq_len=16, batch_size=2, seed=3)
+    stats = calibrate(tiny_cache("qwen3_moe"), tok, cfg, ("routed",), progress=False)
     assert stats.meta["data"]["hash"] == cal.meta["hash"] and stats.meta["num_tokens"] == 64
     assert float(stats[1]["count"].sum()) == 64 * 2
 

@@ -1,8 +1,9 @@
 """Calibration: one observation pass that serves every pruning method.
 
 * ``observe(model, batches, features=...)`` -> ``ExpertStats`` (full-model pass); the package itself is
-  callable with the same arguments, so ``from moeprune import observe; observe(model, batches)`` works;
-  ``observe_dataset(model, tokenizer, source, ...)`` builds the batches first.
+  callable with the same arguments, so ``from moeprune import observe; observe(model, batches)`` works.
+* ``calibrate(model, tokenizer, cfg, features)``: the one calibration entry point (source, selection, and
+  the full / layer-wise / data-parallel pass chosen from the config; ``observe/calibration.py``).
 * ``observe_layerwise(model, batches, checkpoint_dir=...)``: one decoder layer at a time (offloaded
     models, resumable); ``moeprune.models.load_offloaded(path, offload_folder)`` loads a model for it.
 * ``observe_distributed(model, batches)``: data-parallel over a torch.distributed group.
@@ -13,6 +14,7 @@
 import sys
 import types
 
+from moeprune.observe.calibration import calibrate, calibration_batches
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import (
     Calibration,
@@ -24,7 +26,7 @@ from moeprune.observe.data import (
 from moeprune.observe.distributed import observe_distributed, reduce_stats
 from moeprune.observe.layerwise import observe_layerwise
 from moeprune.observe.record import MoERecord
-from moeprune.observe.runner import Observer, observe, observe_dataset
+from moeprune.observe.runner import Observer, observe
 from moeprune.observe.stats import FEATURES, SCHEMA, ExpertStats
 
 __all__ = [
@@ -36,10 +38,11 @@ __all__ = [
     "MoERecord",
     "Observer",
     "build_batches",
+    "calibrate",
+    "calibration_batches",
     "load_calibration",
     "load_texts",
     "observe",
-    "observe_dataset",
     "observe_distributed",
     "observe_layerwise",
     "reduce_stats",

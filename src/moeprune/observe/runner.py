@@ -283,15 +283,3 @@ def run_batches(model: nn.Module, batches: Iterable[Any], obs: Observer, *, prog
             b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in as_batch(b).items()}
             cap.next_index = batch_offset + i
             model(**b, **extra)
-
-
-def observe_dataset(model: nn.Module, tokenizer, source, *, num_samples: int = 128, seq_len: int = 2048,
-                    batch_size: int = 1, split: str = "train", name: str | None = None,
-                    text_column: str | None = None, packing: bool = True, data_seed: int = 42,
-                    **observe_kwargs) -> ExpertStats:
-    """``load_calibration(source, tokenizer, ...)`` then ``observe`` (its description lands in ``meta["data"]``)."""
-    from moeprune.observe.data import load_calibration
-
-    calib = load_calibration(source, tokenizer, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,
-                             split=split, name=name, text_column=text_column, packing=packing, seed=data_seed)
-    return observe(model, calib.batches, data=calib.meta, **observe_kwargs)
