@@ -196,8 +196,8 @@ def main() -> None:
     print(f"model: random qwen3_moe hidden={args.hidden} layers={args.layers} experts={args.experts} "
           f"top_k={args.top_k} expert_inter={args.inter}; data: {args.batches} x [{args.batch}, {args.seq}] tokens; "
           f"device={args.device} ({torch.get_num_threads()} threads)")
-    print("observe computes per-slot outputs once (CPU: a sorted per-expert loop whatever the configured "
-          f"implementation; GPU: the configured kernel on (token, slot) rows). Fastest plain forward: {best}")
+    print("observe runs the model's own experts implementation once on (token, slot) rows and replays its "
+          f"combine in the model dtype (the forward stays bitwise the model's). Fastest plain forward: {best}")
     what = "process CPU time" if args.device.type == "cpu" else "wall time"
     print(f"time: {what} in s; time x = min over interleaved reps / min of the plain forward; memory: peak "
           f"increase over the resident model ({mems[s1[0]]['base'] / 2**20:.0f} MiB), measured in child processes")
