@@ -363,7 +363,7 @@ def test_cli_defaults_are_the_recipe_defaults():
 
 
 def test_one_key_value_parser():
-    from moeprune.cli import _kv
+    from moeprune.cli_commands import _kv
     from moeprune.recipe import apply_overrides
 
     items = ["m=10", "tau=0.5", "outliers=false", "aggregate=freq_rank", "ablation=null"]
