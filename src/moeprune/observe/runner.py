@@ -20,14 +20,16 @@ from moeprune.arch.structure import expert_indexed_tensors
 from moeprune.models import input_device
 from moeprune.observe.accumulators import (
     Accumulator,
-    ClusterAccumulator,
     DirectionAccumulator,
     NeuronAccumulator,
-    PathsAccumulator,
-    ReconstructionAccumulator,
     RoutedAccumulator,
     TransitionAccumulator,
     _sel,
+)
+from moeprune.observe.accumulators_dense import (
+    ClusterAccumulator,
+    PathsAccumulator,
+    ReconstructionAccumulator,
 )
 from moeprune.observe.capture import MoECapture, MoERecord
 from moeprune.observe.experts import ExpertBank, build_banks
