@@ -79,9 +79,6 @@ def reduce_stats(stats: ExpertStats, *, dst: int = 0, group=None) -> ExpertStats
     meta = merged.meta
     meta["num_samples"] = sum(m.get("num_samples", 0) for m in metas)
     meta["num_tokens"] = sum(m.get("num_tokens", 0) for m in metas)
-    observed = [m for m in metas if all(r.get("source") == "observed" for r in m.get("router", {}).values())]
-    if observed:
-        meta["router"] = observed[0]["router"]
     meta["world_size"] = len(metas)
     return merged
 

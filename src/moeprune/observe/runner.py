@@ -119,8 +119,7 @@ class Observer:
         return {"layers": {li: {g: a.state_dict() for g, a in d.items()} for li, d in self.acc.items()},
                 "trans": {li: a.state_dict() for li, a in self.trans.items()},
                 "pending": dict(self.pending), "top_k_seen": dict(self.top_k_seen),
-                "num_tokens": self.num_tokens, "num_samples": self.num_samples,
-                "routing": {li: b.routing for li, b in self.banks.items()}}
+                "num_tokens": self.num_tokens, "num_samples": self.num_samples}
 
     def load_state_dict(self, sd: dict[str, Any]) -> Observer:
         for li, d in sd["layers"].items():
@@ -131,8 +130,6 @@ class Observer:
         self.pending = dict(sd["pending"])
         self.top_k_seen = dict(sd["top_k_seen"])
         self.num_tokens, self.num_samples = sd["num_tokens"], sd["num_samples"]
-        for li, r in sd["routing"].items():
-            self.banks[li].routing = r
         return self
 
     def merge(self, other: Observer) -> Observer:
@@ -143,10 +140,6 @@ class Observer:
             self.trans[li].merge(a)
         self.num_tokens += other.num_tokens
         self.num_samples += other.num_samples
-        for li, b in self.banks.items():
-            theirs = other.banks[li].routing
-            if theirs and (b.routing is None or (b.routing["source"] != "observed" and theirs["source"] == "observed")):
-                b.routing = theirs
         self.top_k_seen = {**other.top_k_seen, **self.top_k_seen}
         return self
 
