@@ -5,7 +5,7 @@ from moeprune import oneshot
 res = oneshot("Qwen/Qwen3-30B-A3B", dataset="calib.jsonl", recipe="reap", sparsity=0.5, output_dir="out")
 res.model, res.plan, res.eval
 ```
-Each stage is also a function of its own (``calibrate``, ``plan_from_stats``, ``evaluate``) used by the CLI.
+Each stage is also a function of its own (``observe.calibration.calibrate``, ``measure``, ``kl_to_original``) used by the CLI.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from moeprune.atomic import (
     replace_dir,
 )
 from moeprune.methods.registry import MethodConfig
-from moeprune.observe.calibration import calibrate, calibration_batches  # noqa: F401  (re-exported)
+from moeprune.observe.calibration import calibrate
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import PruningPlan
 from moeprune.recipe import EvalConfig, Recipe

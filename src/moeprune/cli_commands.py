@@ -49,8 +49,8 @@ def cmd_demo(a) -> None:
 
 
 def cmd_observe(a) -> None:
-    from moeprune.api import calibrate
     from moeprune.models import load_model, load_offloaded_model, warn_positions
+    from moeprune.observe.calibration import calibrate
     from moeprune.recipe import CalibrationConfig
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
