@@ -32,6 +32,7 @@ from moeprune.atomic import (
 )
 from moeprune.methods.registry import MethodConfig
 from moeprune.observe.calibration import calibrate
+from moeprune.observe.sequential import sequential_plan
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import PruningPlan
 from moeprune.recipe import EvalConfig, Recipe
@@ -244,9 +245,11 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
     results: dict[str, Any] = {}
     m, tok = _load(model, r, out, tokenizer)
     try:
+        target = r.target.build()
+        seq = {"method": method, "target": target} if r.calibration.sequential else {}
         stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
-                          stats_dir=os.path.join(out, "stats") if out else None)
-        plan = method.plan(stats, r.target.build())
+                          stats_dir=os.path.join(out, "stats") if out else None, **seq)
+        plan = sequential_plan(stats) if seq else method.plan(stats, target)
         warn_if_transformers_only(plan)  # non-uniform / ragged: say where the result will (not) load
         if out:
             plan.save(os.path.join(out, "plan.json"))

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--select", choices=["random", "kmeans"], default=_default("calibration", "select"))
     s.add_argument("--seed", type=int, default=_default("calibration", "seed"))
     s.add_argument("--layerwise", action="store_true", help="onload one decoder layer at a time")
+    s.add_argument("--sequential", action="store_true",
+                   help="plan and prune each MoE layer before the next is observed (implies the layer-wise pass; "
+                   "needs --method and --sparsity or --param-ratio; writes OUT/plan.json)")
+    s.add_argument("--sparsity", type=float, default=None, help="with --sequential: expert sparsity")
+    s.add_argument("--param-ratio", type=float, default=None, help="with --sequential: routed parameters kept")
+    s.add_argument("--opt", action="append", default=[], help="with --sequential: method option key=value")
     s.add_argument("--recon-max-gb", type=_gb_or_none, default=_default("calibration", "recon_max_gb"),
                    help="reconstruction (NAEE) cache bound in GB; above it a seeded per-batch token subsample, "
                    "with a warning ('none': no bound)")

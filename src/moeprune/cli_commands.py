@@ -55,8 +55,9 @@ def cmd_observe(a) -> None:
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
                             text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise,
-                            recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb)
+                            sequential=a.sequential, recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb)
     check_model_args(a)
+    seq = _sequential_args(a)
     if a.method:
         from moeprune.methods.registry import get_method
 
@@ -75,7 +76,7 @@ def cmd_observe(a) -> None:
 
         feats = tuple(dict.fromkeys(feats + tuple(get_method(a.method).needs)))
     dist = _init_distributed()
-    stats = calibrate(model, tok, cfg, feats, stats_dir=a.out, progress=not a.quiet)
+    stats = calibrate(model, tok, cfg, feats, stats_dir=a.out, progress=not a.quiet, **seq)
     if dist is not None:
         rank = dist.get_rank()
         dist.destroy_process_group()
@@ -86,6 +87,30 @@ def cmd_observe(a) -> None:
 
         shutil.rmtree(os.path.join(a.out, "offload"), ignore_errors=True)
     print(f"statistics of {len(stats.layers)} MoE layers ({', '.join(feats)}) saved to {a.out}")
+    if seq:
+        from moeprune.observe.sequential import sequential_plan
+
+        plan = sequential_plan(stats)
+        plan.save(os.path.join(a.out, "plan.json"))
+        print(f"sequential {plan.method}: kept per layer {plan.kept_counts()} -> {os.path.join(a.out, 'plan.json')}")
+
+
+def _sequential_args(a) -> dict:
+    """``--sequential``: the method and target each layer is planned with during the pass."""
+    given = [f for f in ("sparsity", "param_ratio") if getattr(a, f) is not None]
+    if not a.sequential:
+        if given or a.opt:
+            raise ValueError(f"--{given[0].replace('_', '-') if given else 'opt'} only applies with --sequential "
+                             "(to plan during observe); plan saved statistics with `moeprune plan`")
+        return {}
+    if not a.method or len(given) != 1:
+        raise ValueError("--sequential plans each layer during the pass: give --method (e.g. reap) and exactly one "
+                         "of --sparsity / --param-ratio")
+    from moeprune.methods.registry import get_method
+    from moeprune.methods.target import Target
+
+    return {"method": get_method(a.method, **_kv(a.opt)),
+            "target": Target(expert_sparsity=a.sparsity, param_ratio=a.param_ratio, allocation="uniform")}
 
 
 def _init_distributed():

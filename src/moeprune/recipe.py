@@ -47,6 +47,9 @@ class CalibrationConfig(_Strict):
     select: Literal["random", "kmeans"] = "random"
     seed: int = 42
     layerwise: bool = Field(False, description="onload one decoder layer at a time (models larger than memory)")
+    sequential: bool = Field(False, description="plan and prune each MoE layer before the next is observed "
+                             "(error-propagating, llm-compressor style); implies the layer-wise pass, needs "
+                             "target.allocation uniform")
     recon_tokens: int | None = Field(None, description="NAEE cache: a seeded subsample of this many tokens per "
                                      "batch; null = every token (the reference)")
     recon_max_gb: float | None = Field(4.0, description="NAEE cache bound in GB (= observe.recon_cache."
@@ -207,6 +210,10 @@ class Recipe(_Strict):
         if self.calibration.layerwise and os.path.isdir(self.model) and self.apply.mode != "streaming":
             raise ValueError("calibration.layerwise=true keeps the decoder layers of the checkpoint on disk, so "
                              "the model is never whole in memory to prune in place; set apply.mode: streaming")
+        if self.calibration.sequential and self.target.allocation != "uniform":
+            raise ValueError(f"calibration.sequential=true fixes each layer's count before the next layer is "
+                             f"observed; target.allocation={self.target.allocation!r} is not supported: set "
+                             "target.allocation: uniform (or calibration.sequential: false)")
         from moeprune.models import warn_positions
 
         warn_positions(self.model, self.calibration.seq_len, "calibration")

@@ -23,7 +23,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,7 +43,12 @@ from moeprune.observe.runner import (
     forward_kwargs,
     recon_observer,
 )
+from moeprune.observe.sequential import SequentialPlanner, decoder_index, recording_paused
 from moeprune.observe.stats import ExpertStats
+
+if TYPE_CHECKING:
+    from moeprune.methods.registry import MethodConfig
+    from moeprune.methods.target import Target
 
 FORMAT = "moeprune.layerwise/v1"
 
@@ -210,32 +215,60 @@ class Checkpoint:
                 os.remove(self._p(f"observer_{old}.pt"))
 
 
-def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers: int) -> str:
+def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers: int,
+                 sequential: dict | None = None) -> str:
     cfg = getattr(model, "config", None)
     blob = json.dumps({"features": obs.features, "seed": obs.seed, "recon": obs.recon_tokens, "layers": n_layers,
                        "data": batches_hash(batches), "n": len(batches),
-                       "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else type(model).__name__},
-                      sort_keys=True)
+                       "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else type(model).__name__,
+                       **({"sequential": sequential} if sequential else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _run_layer(layer: nn.Module, i: int, batches: list[dict], hidden: list, calls: list, ckpt: Checkpoint | None,
+               cap: MoECapture, dev, keep_inputs: bool) -> list:
+    """Layer ``i`` over every batch; outputs go to ``acts_{i+1}`` (checkpoint) or the returned list (CPU).
+    ``keep_inputs``: leave ``hidden`` intact (a sequential pass re-runs the layer masked)."""
+    out_list = list(hidden) if keep_inputs else hidden
+    for b, batch in enumerate(batches):
+        h = hidden[b] if hidden[b] is not None else ckpt.read_act(i, b)
+        args, kwargs = _to(calls[b][i], dev, {})
+        ref = batch.get("input_ids", batch.get("inputs_embeds"))
+        cap.set_batch(batch.get("attention_mask"), shape=tuple(ref.shape[:2]), index=b)
+        out = layer(h.to(dev), *args, **kwargs)
+        out = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+        if ckpt:
+            ckpt.write_act(i + 1, b, out)
+            out_list[b] = None
+        else:
+            out_list[b] = out.to("cpu")
+    return out_list
 
 
 def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
                       checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
                       seed: int = 0, recon_tokens: int | None = None,
                       recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
-                      data: Mapping[str, Any] | None = None) -> ExpertStats:
+                      data: Mapping[str, Any] | None = None, sequential: bool = False,
+                      method: MethodConfig | None = None, target: Target | None = None) -> ExpertStats:
     """Same statistics as ``observe`` computed one decoder layer at a time (see the module docstring).
 
     ``checkpoint_dir``: activations on disk + per-layer commits (resumable); without it activations are
     kept on CPU. ``resume=False`` restarts from scratch in an existing ``checkpoint_dir``. ``recon_tokens`` /
-    ``recon_max_gb``: the NAEE cache, as in ``observe``."""
+    ``recon_max_gb``: the NAEE cache, as in ``observe``. ``sequential=True`` (with ``method`` and ``target``):
+    each MoE layer is planned as soon as it is observed and re-run pruned before the next layer is observed
+    (``observe/sequential.py``); the plan is in ``stats.meta["sequential_plan"]`` (``sequential_plan``)."""
     batches = [as_batch(b) for b in batches]
     obs, _ = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
                             recon_max_gb=recon_max_gb)
-    _, layers = decoder_layers(model, [b.name for b in obs.banks.values()])
+    lname, layers = decoder_layers(model, [b.name for b in obs.banks.values()])
     device = input_device(model)
-    ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, batches, obs, len(layers))) if checkpoint_dir else None
+    seq = _planner(sequential, method, target, obs, model)
+    ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, batches, obs, len(layers),
+                                                   seq.fingerprint() if seq else None)) if checkpoint_dir else None
     start = ckpt.next_layer() if (ckpt and resume) else None
+    moe_at = decoder_index(lname, obs.banks) if seq else {}
     with eval_mode(model), torch.no_grad(), MoECapture(
             model, obs, banks=obs.banks, intermediates=obs.needs_intermediates, residual=obs.needs_residual,
             implementation=implementation) as cap:
@@ -251,24 +284,36 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
             # the per-layer call kwargs are re-recorded (a cheap stub pass), never unpickled: they can hold
             # transformers objects (caches) that a safe load refuses
             _, calls = record_inputs(model, layers, batches, device)
-            obs.load_state_dict(ckpt.load_observer(start))
+            state = ckpt.load_observer(start)
+            obs.load_state_dict(state)
+            if seq:
+                seq.load_state_dict(state.get("sequential", {}))
             hidden = [None] * len(batches)
         for i in tqdm(range(start, len(layers)), desc="observe (layer-wise)", disable=not progress):
             layer = layers[i]
             dev = execution_device(layer, device)
             with onloaded(layer):
-                for b, batch in enumerate(batches):
-                    h = hidden[b] if hidden[b] is not None else ckpt.read_act(i, b)
-                    args, kwargs = _to(calls[b][i], dev, {})
-                    ref = batch.get("input_ids", batch.get("inputs_embeds"))
-                    cap.set_batch(batch.get("attention_mask"), shape=tuple(ref.shape[:2]), index=b)
-                    out = layer(h.to(dev), *args, **kwargs)
-                    out = (out[0] if isinstance(out, (tuple, list)) else out).detach()
-                    if ckpt:
-                        ckpt.write_act(i + 1, b, out)
-                        hidden[b] = None
-                    else:
-                        hidden[b] = out.to("cpu")
+                out = _run_layer(layer, i, batches, hidden, calls, ckpt, cap, dev, keep_inputs=i in moe_at)
+                if i in moe_at:  # sequential: plan this MoE layer, re-run it pruned for the next layer's inputs
+                    seq.decide(moe_at[i], obs, model, data)
+                    with seq.masked(model, moe_at[i]), recording_paused(cap):
+                        out = _run_layer(layer, i, batches, hidden, calls, ckpt, cap, dev, keep_inputs=True)
+            hidden = out
             if ckpt:
-                ckpt.commit(i + 1, obs.state_dict())
-    return obs.result(model, data)
+                ckpt.commit(i + 1, {**obs.state_dict(), **({"sequential": seq.state_dict()} if seq else {})})
+    stats = obs.result(model, data)
+    if seq:
+        stats.meta["sequential_plan"] = seq.plan(stats.meta.get("model_type")).to_dict()
+    return stats
+
+
+def _planner(sequential: bool, method: MethodConfig | None, target: Target | None, obs: Observer,
+             model: nn.Module) -> SequentialPlanner | None:
+    if not sequential:
+        if method is not None or target is not None:
+            raise ValueError("method/target are only used by sequential calibration; pass sequential=True")
+        return None
+    if method is None or target is None:
+        raise ValueError("sequential=True plans each layer during the pass: pass method= (e.g. "
+                         "get_method('reap')) and target= (e.g. Target(expert_sparsity=0.5))")
+    return SequentialPlanner(method, target, obs, model)

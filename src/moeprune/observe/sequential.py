@@ -1,0 +1,200 @@
+"""Sequential (error-propagating) calibration: prune each layer before the next one is observed.
+
+One-shot calibration observes every MoE layer on the ORIGINAL model's activations. Sequential calibration
+(llm-compressor's ``REAPPruningModifier`` pipeline, offered here for every method) plans MoE layer ``l`` as
+soon as it has been observed over all batches, then re-runs layer ``l`` with its dropped experts masked
+(router ``-inf``, neuron plans by zeroed channels: ``apply/masking.py::mask_experts``) so layer ``l + 1`` is
+observed on the inputs the PRUNED model will give it: each layer's choice sees the upstream error.
+
+Rules (each enforced before the pass, with the fix in the message):
+
+* the count kept in each layer must be fixed before the layer is observed: ``allocation: uniform`` only,
+  and a budget whose per-layer count does not depend on later layers (``expert_sparsity``,
+  ``param_ratio``; ``memory_gb`` is refused: its budget includes every layer);
+* layer ``l``'s decision is the method's own ``plan`` on layer ``l``'s statistics alone; methods whose
+  plan links layers (``needs`` ``paths`` or ``transitions``: MoE Pathfinder's paths run through all layers)
+  plan on layers ``0..l`` and take layer ``l``'s row (paths end at layer ``l``);
+* refused (their rule spans all layers, so a prefix cannot reproduce it): TENP's neuron plans (trapezoid
+  and shared width over all ``L`` layers; TENP with ``expert_sparsity`` is supported) and REAP's
+  super-expert guard (``preserve_super_experts``: quantile over all layers).
+
+The statistics of layer ``l`` are those of its observation pass only (the masked re-run records nothing),
+so re-planning the final statistics with a per-layer method gives the same plan. The decisions are part
+of the layer-wise checkpoint's committed state (a resumed run keeps them).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from moeprune.apply.masking import mask_experts
+from moeprune.observe.runner import Observer, build_meta
+from moeprune.observe.stats import ExpertStats
+from moeprune.plan import LayerPlan, PruningPlan
+
+if TYPE_CHECKING:
+    from moeprune.methods.registry import MethodConfig
+    from moeprune.methods.target import Target
+    from moeprune.observe.capture import MoECapture
+
+PREFIX_FEATURES = ("paths", "transitions")  # methods needing these plan on layers 0..l
+_LAYER_KEYS = ("num_experts", "top_k", "intermediate_size", "n_group", "router", "expert_params")
+
+
+def restrict_stats(obs: Observer, model: nn.Module, data: Mapping[str, Any] | None,
+                   layers: list[int]) -> ExpertStats:
+    """The statistics of ``layers`` (observed so far) with their metadata, as if the model had only them."""
+    meta = build_meta(model, obs, data)
+    keep = {str(li) for li in layers}
+    for key in _LAYER_KEYS:
+        if isinstance(meta.get(key), dict):
+            meta[key] = {k: v for k, v in meta[key].items() if k in keep}
+    meta["moe_layers"] = list(layers)
+    meta["next_moe_layer"] = {a: b for a, b in meta["next_moe_layer"].items() if a in keep and str(b) in keep}
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for li in layers:
+        d: dict[str, torch.Tensor] = {}
+        for a in obs.acc[li].values():
+            d.update(a.result())
+        if li in obs.trans and obs.next_layer[li] in layers:  # the last layer's pairs are not complete yet
+            d.update(obs.trans[li].result())
+        out[li] = d
+    return ExpertStats(layers=out, meta=meta)
+
+
+def _skeleton(obs: Observer, model: nn.Module, layers: list[int]) -> ExpertStats:
+    """Metadata-only stats (no tensors) of ``layers``: enough to resolve a target's per-layer counts."""
+    meta = build_meta(model, obs)
+    keep = {str(li) for li in layers}
+    for key in _LAYER_KEYS:
+        if isinstance(meta.get(key), dict):
+            meta[key] = {k: v for k, v in meta[key].items() if k in keep}
+    for li in layers:  # top_k only sets floors (feasibility is checked by the method's plan); 1 is safe here
+        meta["top_k"][str(li)] = meta["top_k"].get(str(li)) or 1
+    return ExpertStats(layers={li: {} for li in layers}, meta=meta)
+
+
+class SequentialPlanner:
+    """Per-layer decisions of ``method`` for ``target`` during a layer-wise pass (see the module docstring)."""
+
+    def __init__(self, method: MethodConfig, target: Target, obs: Observer, model: nn.Module):
+        self.method, self.target = method, target
+        self.prefix = bool(set(method.needs) & set(PREFIX_FEATURES))
+        self.layers = list(obs.layers)
+        self.decisions: dict[int, LayerPlan] = {}
+        self.layer_meta: dict[int, dict[str, Any]] = {}
+        self.counts = self._check(obs, model)
+
+    def _scope(self, li: int) -> list[int]:
+        return [x for x in self.layers if x <= li] if self.prefix else [li]
+
+    def _check(self, obs: Observer, model: nn.Module) -> dict[int, int]:
+        """Refuse what a layer-by-layer decision cannot reproduce; the per-layer kept counts."""
+        m, t = self.method, self.target
+        if t.allocation != "uniform":
+            raise ValueError(f"sequential calibration decides each layer before the next one is observed, so "
+                             f"every layer's count must be fixed in advance: allocation={t.allocation!r} is not "
+                             "supported; use allocation: uniform (or one-shot calibration)")
+        if m.name == "tenp" and t.expert_sparsity is None:
+            raise ValueError("sequential calibration cannot reproduce TENP's neuron plan (its trapezoid and shared "
+                             "width are resolved over all layers at once); use tenp with expert_sparsity, or "
+                             "one-shot calibration (sequential: false)")
+        if getattr(m, "preserve_super_experts", False):
+            raise ValueError(f"{m.name}: preserve_super_experts takes a quantile over all layers, which a "
+                             "layer-by-layer decision cannot see; set preserve_super_experts=false or use "
+                             "one-shot calibration (sequential: false)")
+        full = t.resolve(_skeleton(obs, model, self.layers), check=False).uniform_keep
+        for li in self.layers:
+            part = t.resolve(_skeleton(obs, model, self._scope(li)), check=False).uniform_keep[li]
+            if part != full[li]:
+                raise ValueError(f"{t.kind}={getattr(t, t.kind)} keeps {full[li]} experts in layer {li} when "
+                                 f"resolved on all layers but {part} on the layers seen so far: its budget spans "
+                                 "every layer; use expert_sparsity or param_ratio for sequential calibration")
+        return dict(full)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"method": self.method.to_dict(), "target": self.target.to_dict()}
+
+    def decide(self, li: int, obs: Observer, model: nn.Module, data: Mapping[str, Any] | None) -> LayerPlan:
+        """Plan layer ``li`` from the statistics gathered so far (its own, or layers 0..li)."""
+        plan = self.method.plan(restrict_stats(obs, model, data, self._scope(li)), self.target)
+        lp = plan.layers[li]
+        if len(lp.keep) != self.counts[li]:
+            raise RuntimeError(f"{self.method.name} kept {len(lp.keep)} experts in layer {li}, the target fixes "
+                               f"{self.counts[li]}; sequential calibration needs a fixed per-layer count")
+        self.decisions[li] = lp
+        self.layer_meta[li] = json.loads(json.dumps(plan.meta, default=str))  # plain containers (checkpoint)
+        return lp
+
+    @contextlib.contextmanager
+    def masked(self, model: nn.Module, li: int) -> Iterator[nn.Module]:
+        """Layer ``li`` runs as pruned by its decision (router -inf / zeroed channels)."""
+        with mask_experts(model, PruningPlan(layers={li: self.decisions[li]})):
+            yield model
+
+    # ---- committed state (layer-wise checkpoint) and result
+    def state_dict(self) -> dict[str, Any]:
+        return {"decisions": {li: _layer_dict(lp) for li, lp in self.decisions.items()},
+                "layer_meta": dict(self.layer_meta)}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.decisions = {int(li): _layer_plan(d) for li, d in sd.get("decisions", {}).items()}
+        self.layer_meta = {int(li): m for li, m in sd.get("layer_meta", {}).items()}
+
+    def plan(self, model_type: str | None) -> PruningPlan:
+        """The recorded per-layer decisions as one plan (``meta.sequential: true``)."""
+        missing = [li for li in self.layers if li not in self.decisions]
+        if missing:
+            raise RuntimeError(f"sequential calibration has no decision for MoE layers {missing}")
+        meta = {"sequential": True, "rule": "layers 0..l" if self.prefix else "layer l alone",
+                "layers": {str(li): m for li, m in self.layer_meta.items()}}
+        return PruningPlan(layers=dict(self.decisions), method=self.method.name,
+                           method_config=self.method.to_dict(), target=self.target.to_dict(),
+                           model_type=model_type, meta=meta)
+
+
+def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
+    return {"num_experts": lp.num_experts, "keep": list(lp.keep),
+            "neurons": {int(e): list(v) for e, v in lp.neurons.items()} if lp.neurons else None,
+            "intermediate_size": lp.intermediate_size,
+            "scores": list(lp.scores) if lp.scores is not None else None}
+
+
+def _layer_plan(d: Mapping[str, Any]) -> LayerPlan:
+    return LayerPlan(num_experts=int(d["num_experts"]), keep=tuple(d["keep"]),
+                     neurons={int(e): tuple(v) for e, v in d["neurons"].items()} if d.get("neurons") else None,
+                     intermediate_size=d.get("intermediate_size"),
+                     scores=tuple(d["scores"]) if d.get("scores") is not None else None)
+
+
+@contextlib.contextmanager
+def recording_paused(cap: MoECapture) -> Iterator[None]:
+    """The masked re-run of a layer only produces the next layer's inputs: its records are dropped."""
+    old = cap.on_record
+    cap.on_record = lambda rec: None
+    try:
+        yield
+    finally:
+        cap.on_record = old
+
+
+def sequential_plan(stats: ExpertStats) -> PruningPlan:
+    """The plan a sequential calibration recorded in ``stats.meta["sequential_plan"]``."""
+    d = stats.meta.get("sequential_plan")
+    if d is None:
+        raise ValueError("these statistics come from a one-shot calibration (no sequential_plan in their "
+                         "metadata); plan them with `moeprune plan`, or calibrate with sequential: true")
+    return PruningPlan.from_dict(d)
+
+
+def decoder_index(layer_list_name: str, banks: Mapping[int, Any]) -> dict[int, int]:
+    """``{decoder layer index: MoE layer id}`` from the blocks' module names (``model.layers.3.mlp`` -> 3)."""
+    out = {}
+    for li, bank in banks.items():
+        out[int(bank.name[len(layer_list_name) + 1:].split(".")[0])] = li
+    return out
