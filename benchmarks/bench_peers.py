@@ -5,7 +5,7 @@ llm-compressor 0.14.0.1 needs transformers 5.17, so it runs in its own venv (cre
 ``~/.cache/moeprune/peers-venv`` from PyPI: ``llmcompressor==0.14.0.1``, ``torch==2.13.0``) on the windows
 this script saves (``benchmarks/peers_llmcompressor.py``). Every run (llm-compressor; moeprune one-shot
 observe + plan; moeprune sequential observe) is its own subprocess with 1 torch thread, so wall time and
-peak RSS (``ru_maxrss``) are each run's own. Kept sets are compared per layer; held-out perplexity
+peak RSS (``VmHWM``) are each run's own. Kept sets are compared per layer; held-out perplexity
 (per domain, the quality table's) is computed here for every kept set by router masking of the same
 model, and for llm-compressor also on its saved pruned checkpoint (a check that masking == its pruning).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,6 +56,13 @@ def _timed(cmd: list[str], threads: int) -> float:
     return time.perf_counter() - t
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM; ``ru_maxrss`` would include the launching parent's,
+    which Linux carries across fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 # ---- moeprune worker (its own subprocess): observe + plan, seconds and peak RSS of this process
 def worker(mode: str, calib: str, sparsity: float, out: str, threads: int) -> None:
     from safetensors.torch import load_file
@@ -80,7 +86,7 @@ def worker(mode: str, calib: str, sparsity: float, out: str, threads: int) -> No
         plan = method.plan(observe(model, batches, features=method.needs, progress=False), target)
     seconds = time.perf_counter() - t0
     with open(out, "w") as f:
-        json.dump({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        json.dump({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                    "keep": {str(k): v for k, v in plan.keep().items()}}, f)
 
 

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM; ``ru_maxrss`` would include the launching parent's,
+    which Linux carries across fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def main() -> None:
@@ -44,7 +50,7 @@ def main() -> None:
     model.save_pretrained(os.path.join(out, "model"))
     tok.save_pretrained(os.path.join(out, "model"))
     with open(os.path.join(out, "run.json"), "w") as f:
-        json.dump({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        json.dump({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                    "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                    "torch": torch.__version__, "threads": threads, "samples": int(ids.shape[0]),
                    "seq_len": int(ids.shape[1])}, f, indent=1)

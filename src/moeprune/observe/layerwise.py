@@ -13,6 +13,8 @@ capture and accumulators are the full pass's (``Observer``), so the statistics e
 With ``checkpoint_dir`` each finished layer commits its outputs and the accumulator state atomically;
 a rerun resumes after the last committed layer (nothing in the folder is unpickled beyond tensors and plain
 containers, so a planted folder cannot run code).
+``sequential=True`` plans each MoE layer once it has been observed and re-runs it pruned (masked) to produce
+the next layer's inputs (``observe/sequential.py``); its decisions are committed with the accumulators.
 """
 from __future__ import annotations
 
