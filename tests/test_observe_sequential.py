@@ -189,3 +189,17 @@ def test_cli_observe_sequential_then_apply(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["num_local_experts"] == 4
     assert main([*args, "--sequential", "--out", str(tmp_path / "x")]) == 2  # no budget: one-line error
     assert main([*args, "--sparsity", "0.5", "--out", str(tmp_path / "y")]) == 2  # budget without --sequential
+
+
+def test_recipe_sequential_runs_oneshot_and_refuses_non_uniform():
+    from moeprune.api import oneshot
+    from moeprune.recipe import Recipe
+
+    base = {"model": "tiny:mixtral", "method": "reap", "target": {"expert_sparsity": 0.5},
+            "calibration": {"dataset": "builtin:stdlib", "num_samples": 4, "seq_len": 32, "sequential": True},
+            "eval": {"perplexity": None, "kl": False}}
+    res = oneshot("tiny:mixtral", recipe=Recipe.model_validate(base), progress=False)
+    assert res.plan.meta["sequential"] is True
+    assert res.plan.to_dict() == sequential_plan(res.stats).to_dict()
+    with pytest.raises(ValueError, match="target.allocation: uniform"):
+        Recipe.model_validate({**base, "target": {"expert_sparsity": 0.5, "allocation": "global"}})
