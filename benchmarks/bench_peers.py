@@ -30,6 +30,7 @@ from benchmarks.toy_moe.model import load_toy_model, model_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.expanduser("~/.cache/moeprune/peers-venv")
+LLMC, ONESHOT = "llm-compressor REAPPruningModifier", "moeprune reap (one-shot)"
 PEER_PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1")  # llmcompressor pulls transformers 5.17
 
 
@@ -73,12 +74,16 @@ def worker(mode: str, calib: str, sparsity: float, out: str, threads: int) -> No
 
     torch.set_num_threads(threads)
     model, _ = load_toy_model()
+    if mode.endswith("-noncausal"):  # diagnostic: attention without the causal mask (see the README)
+        for mod in model.modules():
+            if hasattr(mod, "is_causal"):
+                mod.is_causal = False
     ids = load_file(calib)["input_ids"]
     batches = [{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8])}
                for i in range(0, len(ids), 8)]
     method, target = get_method("reap"), Target(expert_sparsity=sparsity)
     t0 = time.perf_counter()
-    if mode == "sequential":
+    if mode.startswith("sequential"):
         stats = observe_layerwise(model, batches, features=method.needs, progress=False, sequential=True,
                                   method=method, target=target)
         plan = sequential_plan(stats)
@@ -99,9 +104,10 @@ def _run_moeprune(mode: str, calib: str, s: float, work: str, threads: int) -> d
     return {**res, "keep": {int(k): v for k, v in res["keep"].items()}, "process_seconds": wall}
 
 
-def _run_llmcompressor(py: str, calib: str, s: float, work: str, threads: int) -> dict:
-    out = os.path.join(work, f"llmcompressor-{s}")
-    wall = _timed([py, os.path.join(HERE, "peers_llmcompressor.py"), str(model_dir()), calib, str(s), out], threads)
+def _run_llmcompressor(py: str, calib: str, s: float, work: str, threads: int, pipeline: str) -> dict:
+    out = os.path.join(work, f"llmcompressor-{pipeline}-{s}")
+    wall = _timed([py, os.path.join(HERE, "peers_llmcompressor.py"), str(model_dir()), calib, str(s), out, pipeline],
+                  threads)
     with open(os.path.join(out, "run.json")) as f:
         res = json.load(f)
     with open(os.path.join(out, "retained.json")) as f:  # "model.layers.3.mlp" -> retained ids
@@ -137,7 +143,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=os.path.expanduser("~/.cache/moeprune/peers-work"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "peers"))
-    p.add_argument("--worker", choices=["oneshot", "sequential"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["oneshot", "sequential", "sequential-noncausal"], help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
     p.add_argument("--sparsity", type=float, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -156,15 +162,20 @@ def main() -> None:
     save_file({"input_ids": torch.cat([b["input_ids"] for b in batches]).contiguous()}, calib)
     rows = [{"run": "unpruned", "sparsity": 0.0, "ppl": macro_ppl(model, tok, splits, a.test_tokens)}]
     for s in a.sparsities:
-        runs = {"llm-compressor REAPPruningModifier": _run_llmcompressor(py, calib, s, a.work, a.threads),
-                "moeprune reap (one-shot)": _run_moeprune("oneshot", calib, s, a.work, a.threads),
-                "moeprune reap sequential": _run_moeprune("sequential", calib, s, a.work, a.threads)}
-        ref = runs["llm-compressor REAPPruningModifier"]["keep"]
+        runs = {LLMC: _run_llmcompressor(py, calib, s, a.work, a.threads, "sequential"),
+                "llm-compressor, pipeline=basic (one pass)": _run_llmcompressor(py, calib, s, a.work, a.threads,
+                                                                               "basic"),
+                ONESHOT: _run_moeprune("oneshot", calib, s, a.work, a.threads),
+                "moeprune reap sequential": _run_moeprune("sequential", calib, s, a.work, a.threads),
+                "moeprune reap sequential, non-causal attention (diagnostic)":
+                    _run_moeprune("sequential-noncausal", calib, s, a.work, a.threads)}
+        ref, one = runs[LLMC]["keep"], runs[ONESHOT]["keep"]
         for name, r in runs.items():
             row = {"run": name, "sparsity": s, "seconds": round(r["seconds"], 2),
                    "process_seconds": round(r["process_seconds"], 2), "peak_rss_mb": round(r["peak_rss_mb"]),
                    "keep": r["keep"], "same_as_llmcompressor": {li: r["keep"][li] == ref[li] for li in ref},
                    "overlap_with_llmcompressor": {li: len(set(r["keep"][li]) & set(ref[li])) for li in ref},
+                   "same_as_moeprune_oneshot": {li: r["keep"][li] == one[li] for li in one},
                    "ppl": _eval(model, tok, splits, r["keep"], a.test_tokens)}
             if "checkpoint" in r:
                 row["checkpoint_ppl"] = _checkpoint_ppl(r["checkpoint"], splits, a.test_tokens)
@@ -189,15 +200,15 @@ def to_markdown(rows: list[dict], domains: list[str], meta: dict) -> str:
             "domain (router masking of the same model; llm-compressor's saved checkpoint in brackets).")
     out = [head, "",
            "| run | sparsity | seconds | process s | peak RSS MB | kept = llm-compressor (layers) | overlap "
-           "| macro ppl | " + " | ".join(domains) + " |",
-           "|---|---|---|---|---|---|---|---|" + "---|" * len(domains)]
+           "| kept = moeprune one-shot | macro ppl | " + " | ".join(domains) + " |",
+           "|---|---|---|---|---|---|---|---|---|" + "---|" * len(domains)]
     for r in rows:
         ppl = r["ppl"]
         macro = f"{ppl['macro']:.2f}"
         if isinstance(r.get("checkpoint_ppl"), dict):
             macro += f" ({r['checkpoint_ppl']['macro']:.2f})"
         if r["run"] == "unpruned":
-            out.append(f"| unpruned | 0% | | | | | | {macro} | " + " | ".join(f"{ppl[d]:.2f}" for d in domains)
+            out.append(f"| unpruned | 0% | | | | | | | {macro} | " + " | ".join(f"{ppl[d]:.2f}" for d in domains)
                        + " |")
             continue
         same = r["same_as_llmcompressor"]
@@ -205,7 +216,8 @@ def to_markdown(rows: list[dict], domains: list[str], meta: dict) -> str:
         k = len(next(iter(r["keep"].values())))
         out.append(f"| {r['run']} | {r['sparsity']:.0%} | {r['seconds']:.2f} | {r['process_seconds']:.1f} | "
                    f"{r['peak_rss_mb']} | {sum(same.values())}/{len(same)} | "
-                   f"{'/'.join(str(v) for v in ov.values())} of {k} | {macro} | "
+                   f"{'/'.join(str(v) for v in ov.values())} of {k} | "
+                   f"{sum(r['same_as_moeprune_oneshot'].values())}/{len(same)} | {macro} | "
                    + " | ".join(f"{ppl[d]:.2f}" for d in domains) + " |")
     return "\n".join(out) + "\n"
 

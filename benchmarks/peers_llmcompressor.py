@@ -1,7 +1,10 @@
 """llm-compressor's REAPPruningModifier on a checkpoint and saved calibration windows (run inside the peers
 venv by ``bench_peers.py``; imports nothing from moeprune).
 
-    python peers_llmcompressor.py MODEL_DIR CALIB.safetensors SPARSITY OUT_DIR
+    python peers_llmcompressor.py MODEL_DIR CALIB.safetensors SPARSITY OUT_DIR [PIPELINE]
+
+``PIPELINE``: llm-compressor's calibration pipeline, ``sequential`` (default: REAP prunes each layer at the
+end of its sequential epoch) or ``basic`` (one full-model pass; every layer pruned at the end).
 
 Writes ``OUT_DIR/retained.json`` (llm-compressor's own report: MoE block name -> retained expert ids, in
 its new order), ``OUT_DIR/model`` (the pruned checkpoint, as llm-compressor saves it) and
@@ -24,6 +27,7 @@ def peak_rss_mb() -> float:
 
 def main() -> None:
     model_dir, calib, sparsity, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    pipeline = sys.argv[5] if len(sys.argv) > 5 else "sequential"
     threads = int(os.environ.get("PEERS_THREADS", "1"))
     import torch
 
@@ -45,14 +49,14 @@ def main() -> None:
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=REAPPruningModifier(sparsity=sparsity, report_path=report),
             num_calibration_samples=int(ids.shape[0]), max_seq_length=int(ids.shape[1]),
-            shuffle_calibration_samples=False, pipeline="sequential", moe_calibrate_all_experts=False)
+            shuffle_calibration_samples=False, pipeline=pipeline, moe_calibrate_all_experts=False)
     seconds = time.perf_counter() - t0
     model.save_pretrained(os.path.join(out, "model"))
     tok.save_pretrained(os.path.join(out, "model"))
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                    "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
-                   "torch": torch.__version__, "threads": threads, "samples": int(ids.shape[0]),
+                   "torch": torch.__version__, "threads": threads, "pipeline": pipeline, "samples": int(ids.shape[0]),
                    "seq_len": int(ids.shape[1])}, f, indent=1)
 
 
