@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--test-tokens", type=int, default=16384)
     p.add_argument("--recon-tokens", type=int, default=64, help="NAEE cache tokens per batch (as the quality table)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of labels")
+    p.add_argument("--append", action="store_true", help="replace only these rows (method, sparsity) in an "
+                   "existing results file")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sequential"))
     a = p.parse_args()
@@ -78,6 +80,11 @@ def main() -> None:
                   f"({seconds:.1f}s)")
     meta = {"windows": sum(int(b["input_ids"].shape[0]) for b in batches), "seq_len": a.seq_len,
             "test_tokens_per_domain": a.test_tokens, "recon_tokens": a.recon_tokens, "threads": a.threads}
+    if a.append and os.path.isfile(a.out + ".json"):
+        with open(a.out + ".json") as f:
+            old = json.load(f)["rows"]
+        new = {(r["method"], r["sparsity"]): r for r in rows}
+        rows = [new.pop((r["method"], r["sparsity"]), r) for r in old] + list(new.values())
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     md = to_markdown(rows, sorted(splits), meta)

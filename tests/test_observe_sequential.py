@@ -103,20 +103,23 @@ def test_per_layer_methods_decide_on_their_layer(name, kw, target, tiny_cache):
     assert plan.meta["rule"] == "layer l alone"
 
 
-def test_pathfinder_plans_each_layer_on_layers_up_to_it(tiny_cache):
-    """Pathfinder's paths run through all layers: layer l is decided by the paths over layers 0..l, each
-    layer's statistics observed with the decisions before it masked."""
+def test_pathfinder_plans_each_layer_on_all_layers_with_lookahead(tiny_cache):
+    """Pathfinder's paths run through all layers: layer l is decided by paths over every layer, layers 0..l
+    with the sequential statistics (decisions before each masked), the later ones from a one-shot pass."""
     model = tiny_cache("mixtral")
     target = Target(expert_sparsity=0.5)
-    method, stats, plan = _seq(model, "pathfinder", target, max_samples=None)
+    method, stats, plan = _seq(model, "pathfinder", target, max_samples=None, m=100)
     oracle = _oracle(model, method, plan)
+    one_shot = observe(model, _batches(), features=method.needs, progress=False)
     layers = stats.moe_layers
-    rows = {li: oracle[li][li] for li in layers}
-    for n, li in enumerate(layers):
-        _assert_rows(stats[li], rows[li], 0.0, f"layer {li}")
-        want = method.plan(_restrict(oracle[li], layers[: n + 1], rows), target).layers[li]
+    for li in layers:
+        _assert_rows(stats[li], oracle[li][li], 0.0, f"layer {li}")
+        rows = {j: (oracle[j][j] if j <= li else one_shot[j]) for j in layers}
+        want = method.plan(ExpertStats(layers=rows, meta=one_shot.meta), target).layers[li]
         assert plan.layers[li].keep == want.keep, li
-    assert plan.meta["rule"] == "layers 0..l"
+    assert plan.meta["rule"] == "all layers, look-ahead after l"
+    # m = 100 >= the 8 paths of a one-layer prefix: paths cut at layer 0 would tie every expert (ids 0-3 kept)
+    assert plan.layers[layers[0]].keep != (0, 1, 2, 3)
 
 
 @pytest.mark.parametrize("name,kw,target,match", [

@@ -13,7 +13,11 @@ Rules (each enforced before the pass, with the fix in the message):
   ``param_ratio``; ``memory_gb`` is refused: its budget includes every layer);
 * layer ``l``'s decision is the method's own ``plan`` on layer ``l``'s statistics alone; methods whose
   plan links layers (``needs`` ``paths`` or ``transitions``: MoE Pathfinder's paths run through all layers)
-  plan on layers ``0..l`` and take layer ``l``'s row (paths end at layer ``l``);
+  plan on ALL layers and take layer ``l``'s row: layers ``0..l`` carry the sequential statistics (pruned
+  upstream), layers after ``l`` (and layer ``l``'s pairs with ``l + 1``) those of a one-shot look-ahead
+  pass run first (unpruned model; one extra layer-wise pass, recomputed on resume). Paths cut at layer
+  ``l`` instead would degenerate: with ``m`` >= the number of paths of the prefix (16 experts, ``m = 100``
+  at layer 0) every expert ties and the lowest ids are kept;
 * refused (their rule spans all layers, so a prefix cannot reproduce it): TENP's neuron plans (trapezoid
   and shared width over all ``L`` layers; TENP with ``expert_sparsity`` is supported) and REAP's
   super-expert guard (``preserve_super_experts``: quantile over all layers).
@@ -86,12 +90,25 @@ class SequentialPlanner:
         self.method, self.target = method, target
         self.prefix = bool(set(method.needs) & set(PREFIX_FEATURES))
         self.layers = list(obs.layers)
+        self.lookahead: ExpertStats | None = None  # one-shot statistics of every layer (prefix methods)
         self.decisions: dict[int, LayerPlan] = {}
         self.layer_meta: dict[int, dict[str, Any]] = {}
         self.counts = self._check(obs, model)
 
     def _scope(self, li: int) -> list[int]:
-        return [x for x in self.layers if x <= li] if self.prefix else [li]
+        return list(self.layers) if self.prefix else [li]
+
+    def _stats(self, li: int, obs: Observer, model: nn.Module, data: Mapping[str, Any] | None) -> ExpertStats:
+        """What layer ``li`` is planned from (see the module docstring)."""
+        if not self.prefix:
+            return restrict_stats(obs, model, data, [li])
+        if self.lookahead is None:
+            raise RuntimeError(f"{self.method.name} plans on all layers: run the look-ahead pass first")
+        seen = restrict_stats(obs, model, data, [x for x in self.layers if x <= li])
+        rows = {x: dict(self.lookahead[x]) for x in self.layers}
+        for x, d in seen.layers.items():
+            rows[x] = {**d, **({"transition": rows[x]["transition"]} if x == li and "transition" in rows[x] else {})}
+        return ExpertStats(layers=rows, meta=dict(self.lookahead.meta))
 
     def _check(self, obs: Observer, model: nn.Module) -> dict[int, int]:
         """Refuse what a layer-by-layer decision cannot reproduce; the per-layer kept counts."""
@@ -121,8 +138,8 @@ class SequentialPlanner:
         return {"method": self.method.to_dict(), "target": self.target.to_dict()}
 
     def decide(self, li: int, obs: Observer, model: nn.Module, data: Mapping[str, Any] | None) -> LayerPlan:
-        """Plan layer ``li`` from the statistics gathered so far (its own, or layers 0..li)."""
-        plan = self.method.plan(restrict_stats(obs, model, data, self._scope(li)), self.target)
+        """Plan layer ``li`` from the statistics gathered so far (its own; or all layers, with look-ahead)."""
+        plan = self.method.plan(self._stats(li, obs, model, data), self.target)
         lp = plan.layers[li]
         if len(lp.keep) != self.counts[li]:
             raise RuntimeError(f"{self.method.name} kept {len(lp.keep)} experts in layer {li}, the target fixes "
@@ -151,7 +168,7 @@ class SequentialPlanner:
         missing = [li for li in self.layers if li not in self.decisions]
         if missing:
             raise RuntimeError(f"sequential calibration has no decision for MoE layers {missing}")
-        meta = {"sequential": True, "rule": "layers 0..l" if self.prefix else "layer l alone",
+        meta = {"sequential": True, "rule": "all layers, look-ahead after l" if self.prefix else "layer l alone",
                 "layers": {str(li): m for li, m in self.layer_meta.items()}}
         return PruningPlan(layers=dict(self.decisions), method=self.method.name,
                            method_config=self.method.to_dict(), target=self.target.to_dict(),
