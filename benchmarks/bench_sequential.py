@@ -29,8 +29,8 @@ from moeprune.observe import observe, observe_layerwise
 from moeprune.observe.sequential import sequential_plan
 
 LABELS = ("frequency", "reap", "naee", "cprune", "pathfinder (code defaults)", "pathfinder m=100 all samples")
-# TENP's neuron plan (param_ratio) is refused by sequential calibration; its expert-removal mode is compared
-EXTRA = [("tenp (experts)", "tenp", {}, "experts")]
+# TENP: its neuron plan (param_ratio = 1 - s, as the quality table) and its expert-removal mode
+EXTRA = [("tenp (params)", "tenp", {}, "params"), ("tenp (experts)", "tenp", {}, "experts")]
 
 
 def main() -> None:
@@ -59,8 +59,8 @@ def main() -> None:
     print(f"one-shot calibration ({', '.join(needs)}): {time.time() - t0:.1f}s")
     rows = [{"method": "unpruned", "sparsity": 0.0, "ppl": macro_ppl(model, tok, splits, a.test_tokens)}]
     for s in a.sparsities:
-        target = Target(expert_sparsity=s)
-        for label, name, opts, _ in methods:
+        for label, name, opts, kind in methods:
+            target = Target(param_ratio=1.0 - s) if kind == "params" else Target(expert_sparsity=s)
             method = get_method(name, **opts)
             one = method.plan(stats, target)
             t = time.time()
@@ -70,7 +70,8 @@ def main() -> None:
             seconds = time.time() - t
             row = {"method": label, "sparsity": s, "sequential_seconds": round(seconds, 2),
                    "keep_oneshot": one.keep(), "keep_sequential": seq.keep(),
-                   "same_layers": sum(one.keep()[li] == seq.keep()[li] for li in one.layers)}
+                   "same_layers": sum(one.layers[li].keep == seq.layers[li].keep
+                                      and one.layers[li].neurons == seq.layers[li].neurons for li in one.layers)}
             for mode, plan in (("oneshot", one), ("sequential", seq)):
                 with mask_experts(model, plan):
                     row[f"ppl_{mode}"] = macro_ppl(model, tok, splits, a.test_tokens)

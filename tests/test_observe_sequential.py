@@ -38,7 +38,7 @@ def _oracle(model, method, plan):
     """{layer: full-pass stats of the model with the decisions of the earlier MoE layers masked}."""
     out = {}
     for li in plan.layers:
-        upstream = {j: list(lp.keep) for j, lp in plan.layers.items() if j < li}
+        upstream = PruningPlan(layers={j: lp for j, lp in plan.layers.items() if j < li})
         with mask_experts(model, upstream):
             out[li] = observe(model, _batches(), features=method.needs, progress=False)
     return out
@@ -122,10 +122,28 @@ def test_pathfinder_plans_each_layer_on_all_layers_with_lookahead(tiny_cache):
     assert plan.layers[layers[0]].keep != (0, 1, 2, 3)
 
 
+def test_tenp_neuron_plan_masks_channels_and_plans_with_lookahead(tiny_cache):
+    """TENP at a parameter budget keeps every expert and narrows some: layer l's channels are zeroed for the
+    next layer's inputs, and the decision is TENP on all layers (later ones from a one-shot pass)."""
+    model = tiny_cache("mixtral")
+    target = Target(param_ratio=0.6)
+    method, stats, plan = _seq(model, "tenp", target, channel_multiple=1)
+    assert plan.has_neurons and plan.kept_counts() == {li: 8 for li in stats.moe_layers}
+    oracle = _oracle(model, method, plan)  # mask_experts zeroes the upstream layers' dropped channels
+    one_shot = observe(model, _batches(), features=method.needs, progress=False)
+    layers = stats.moe_layers
+    for li in layers:
+        _assert_rows(stats[li], oracle[li][li], 0.0, f"layer {li}")
+        rows = {j: (oracle[j][j] if j <= li else one_shot[j]) for j in layers}
+        want = method.plan(ExpertStats(layers=rows, meta=one_shot.meta), target).layers[li]
+        assert plan.layers[li].neurons == want.neurons, li
+    later = layers[1:]  # narrowing layer 0 changes what the later layers see
+    assert any(not torch.equal(stats[li]["neuron_proj_sum"], one_shot[li]["neuron_proj_sum"]) for li in later)
+
+
 @pytest.mark.parametrize("name,kw,target,match", [
     ("reap", {}, Target(expert_sparsity=0.5, allocation="global"), "allocation: uniform"),
     ("pathfinder", {}, Target(expert_sparsity=0.5, allocation="method"), "allocation: uniform"),
-    ("tenp", {}, Target(param_ratio=0.6), "neuron plan"),
     ("reap", {"preserve_super_experts": True}, Target(expert_sparsity=0.5), "preserve_super_experts=false"),
     ("reap", {}, "memory", "use expert_sparsity or param_ratio"),
 ])

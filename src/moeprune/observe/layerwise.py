@@ -271,7 +271,7 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
                                                    seq.fingerprint() if seq else None)) if checkpoint_dir else None
     start = ckpt.next_layer() if (ckpt and resume) else None
     moe_at = decoder_index(lname, obs.banks) if seq else {}
-    if seq and seq.prefix:  # cross-layer methods see the later layers through a one-shot look-ahead pass
+    if seq and seq.cross_layer:  # cross-layer methods see the later layers through a one-shot look-ahead pass
         seq.lookahead = observe_layerwise(model, batches, features=features, progress=progress, seed=seed,
                                           recon_tokens=recon_tokens, recon_max_gb=recon_max_gb,
                                           implementation=implementation, data=data)

@@ -18,9 +18,9 @@ Rules (each enforced before the pass, with the fix in the message):
   pass run first (unpruned model; one extra layer-wise pass, recomputed on resume). Paths cut at layer
   ``l`` instead would degenerate: with ``m`` >= the number of paths of the prefix (16 experts, ``m = 100``
   at layer 0) every expert ties and the lowest ids are kept;
-* refused (their rule spans all layers, so a prefix cannot reproduce it): TENP's neuron plans (trapezoid
-  and shared width over all ``L`` layers; TENP with ``expert_sparsity`` is supported) and REAP's
-  super-expert guard (``preserve_super_experts``: quantile over all layers).
+* TENP's neuron plans (``param_ratio``: trapezoid and shared width over all ``L`` layers) plan on all layers
+  with the look-ahead as well; layer ``l``'s narrowed experts are masked by zeroing their dropped channels;
+* refused: REAP's super-expert guard (``preserve_super_experts``: a quantile over all layers' maxima).
 
 The statistics of layer ``l`` are those of its observation pass only (the masked re-run records nothing),
 so re-planning the final statistics with a per-layer method gives the same plan. The decisions are part
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from moeprune.methods.target import Target
     from moeprune.observe.capture import MoECapture
 
-PREFIX_FEATURES = ("paths", "transitions")  # methods needing these plan on layers 0..l
+CROSS_LAYER_FEATURES = ("paths", "transitions")  # methods needing these plan on all layers (look-ahead)
 _LAYER_KEYS = ("num_experts", "top_k", "intermediate_size", "n_group", "router", "expert_params")
 
 
@@ -88,19 +88,21 @@ class SequentialPlanner:
 
     def __init__(self, method: MethodConfig, target: Target, obs: Observer, model: nn.Module):
         self.method, self.target = method, target
-        self.prefix = bool(set(method.needs) & set(PREFIX_FEATURES))
+        # TENP's neuron plan: trapezoid and shared width resolved over all layers; it keeps every expert
+        self.neuron_plan = method.name == "tenp" and target.expert_sparsity is None
+        self.cross_layer = bool(set(method.needs) & set(CROSS_LAYER_FEATURES)) or self.neuron_plan
         self.layers = list(obs.layers)
-        self.lookahead: ExpertStats | None = None  # one-shot statistics of every layer (prefix methods)
+        self.lookahead: ExpertStats | None = None  # one-shot statistics of every layer (cross-layer methods)
         self.decisions: dict[int, LayerPlan] = {}
         self.layer_meta: dict[int, dict[str, Any]] = {}
         self.counts = self._check(obs, model)
 
     def _scope(self, li: int) -> list[int]:
-        return list(self.layers) if self.prefix else [li]
+        return list(self.layers) if self.cross_layer else [li]
 
     def _stats(self, li: int, obs: Observer, model: nn.Module, data: Mapping[str, Any] | None) -> ExpertStats:
         """What layer ``li`` is planned from (see the module docstring)."""
-        if not self.prefix:
+        if not self.cross_layer:
             return restrict_stats(obs, model, data, [li])
         if self.lookahead is None:
             raise RuntimeError(f"{self.method.name} plans on all layers: run the look-ahead pass first")
@@ -117,10 +119,6 @@ class SequentialPlanner:
             raise ValueError(f"sequential calibration decides each layer before the next one is observed, so "
                              f"every layer's count must be fixed in advance: allocation={t.allocation!r} is not "
                              "supported; use allocation: uniform (or one-shot calibration)")
-        if m.name == "tenp" and t.expert_sparsity is None:
-            raise ValueError("sequential calibration cannot reproduce TENP's neuron plan (its trapezoid and shared "
-                             "width are resolved over all layers at once); use tenp with expert_sparsity, or "
-                             "one-shot calibration (sequential: false)")
         if getattr(m, "preserve_super_experts", False):
             raise ValueError(f"{m.name}: preserve_super_experts takes a quantile over all layers, which a "
                              "layer-by-layer decision cannot see; set preserve_super_experts=false or use "
@@ -141,7 +139,7 @@ class SequentialPlanner:
         """Plan layer ``li`` from the statistics gathered so far (its own; or all layers, with look-ahead)."""
         plan = self.method.plan(self._stats(li, obs, model, data), self.target)
         lp = plan.layers[li]
-        if len(lp.keep) != self.counts[li]:
+        if len(lp.keep) != self.counts[li] and not self.neuron_plan:
             raise RuntimeError(f"{self.method.name} kept {len(lp.keep)} experts in layer {li}, the target fixes "
                                f"{self.counts[li]}; sequential calibration needs a fixed per-layer count")
         self.decisions[li] = lp
@@ -168,7 +166,7 @@ class SequentialPlanner:
         missing = [li for li in self.layers if li not in self.decisions]
         if missing:
             raise RuntimeError(f"sequential calibration has no decision for MoE layers {missing}")
-        meta = {"sequential": True, "rule": "all layers, look-ahead after l" if self.prefix else "layer l alone",
+        meta = {"sequential": True, "rule": "all layers, look-ahead after l" if self.cross_layer else "layer l alone",
                 "layers": {str(li): m for li, m in self.layer_meta.items()}}
         return PruningPlan(layers=dict(self.decisions), method=self.method.name,
                            method_config=self.method.to_dict(), target=self.target.to_dict(),
