@@ -224,3 +224,18 @@ def test_recipe_sequential_runs_oneshot_and_refuses_non_uniform():
     assert res.plan.to_dict() == sequential_plan(res.stats).to_dict()
     with pytest.raises(ValueError, match="target.allocation: uniform"):
         Recipe.model_validate({**base, "target": {"expert_sparsity": 0.5, "allocation": "global"}})
+
+
+def test_offloaded_model_gives_the_in_memory_sequential_plan(tiny_cache, tmp_path):
+    """Decoder layers on disk (accelerate offload): the masked re-run works on the onloaded layer."""
+    from moeprune.models import load_offloaded
+
+    model = tiny_cache("mixtral")
+    _, mem, plan = _seq(model, "reap", Target(expert_sparsity=0.5))
+    model.save_pretrained(tmp_path / "ckpt")
+    off = load_offloaded(tmp_path / "ckpt", tmp_path / "offload")
+    _, got, off_plan = _seq(off, "reap", Target(expert_sparsity=0.5))
+    assert off_plan.keep() == plan.keep()
+    for li in mem.moe_layers:
+        _assert_rows(got[li], mem[li], 0.0, f"layer {li}")  # same weights, same layer ops
+    assert all(p.device.type == "meta" for p in off.model.layers.parameters())  # offloaded again
