@@ -171,16 +171,18 @@ def test_param_ratio_uniform_is_accepted(tiny_cache):
     assert set(plan.kept_counts().values()) == {4}
 
 
-def test_interrupted_sequential_run_resumes_with_its_decisions(fresh_tiny, tmp_path):
+@pytest.mark.parametrize("name", ["reap", "pathfinder"])  # pathfinder: cut inside its look-ahead pass
+def test_interrupted_sequential_run_resumes_with_its_decisions(name, fresh_tiny, tmp_path):
     model = fresh_tiny("mixtral")
-    method, target = get_method("reap"), Target(expert_sparsity=0.5)
+    method, target = get_method(name), Target(expert_sparsity=0.5)
     kw = {"features": method.needs, "progress": False, "sequential": True, "method": method, "target": target}
     whole = observe_layerwise(model, _batches(), **kw)
     h = model.model.layers[2].mlp.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("cut")))
     with pytest.raises(RuntimeError, match="cut"):
         observe_layerwise(model, _batches(), checkpoint_dir=tmp_path, **kw)
     h.remove()
-    assert json.loads((tmp_path / "progress.json").read_text())["next_layer"] == 2
+    folder = tmp_path / "lookahead" if name == "pathfinder" else tmp_path
+    assert json.loads((folder / "progress.json").read_text())["next_layer"] == 2
     resumed = observe_layerwise(model, _batches(), checkpoint_dir=tmp_path, **kw)
     assert sequential_plan(resumed).to_dict() == sequential_plan(whole).to_dict()
     for li in whole.moe_layers:

@@ -272,9 +272,11 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
     start = ckpt.next_layer() if (ckpt and resume) else None
     moe_at = decoder_index(lname, obs.banks) if seq else {}
     if seq and seq.cross_layer:  # cross-layer methods see the later layers through a one-shot look-ahead pass
+        ahead = os.path.join(checkpoint_dir, "lookahead") if checkpoint_dir else None  # resumable as well
         seq.lookahead = observe_layerwise(model, batches, features=features, progress=progress, seed=seed,
                                           recon_tokens=recon_tokens, recon_max_gb=recon_max_gb,
-                                          implementation=implementation, data=data)
+                                          implementation=implementation, data=data, checkpoint_dir=ahead,
+                                          resume=resume)
     with eval_mode(model), torch.no_grad(), MoECapture(
             model, obs, banks=obs.banks, intermediates=obs.needs_intermediates, residual=obs.needs_residual,
             implementation=implementation) as cap:

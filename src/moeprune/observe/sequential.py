@@ -15,7 +15,7 @@ Rules (each enforced before the pass, with the fix in the message):
   plan links layers (``needs`` ``paths`` or ``transitions``: MoE Pathfinder's paths run through all layers)
   plan on ALL layers and take layer ``l``'s row: layers ``0..l`` carry the sequential statistics (pruned
   upstream), layers after ``l`` (and layer ``l``'s pairs with ``l + 1``) those of a one-shot look-ahead
-  pass run first (unpruned model; one extra layer-wise pass, recomputed on resume). Paths cut at layer
+  pass run first (unpruned model; one extra layer-wise pass, resumable in ``checkpoint_dir/lookahead``). Paths cut at layer
   ``l`` instead would degenerate: with ``m`` >= the number of paths of the prefix (16 experts, ``m = 100``
   at layer 0) every expert ties and the lowest ids are kept;
 * TENP's neuron plans (``param_ratio``: trapezoid and shared width over all ``L`` layers) plan on all layers
