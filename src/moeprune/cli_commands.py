@@ -133,6 +133,13 @@ def cmd_plan(a) -> None:
     method = get_method(a.method, **_kv(a.opt))
     writable_file(a.out, "plan")
     stats = ExpertStats.load(a.stats)
+    if stats.meta.get("sequential_plan"):
+        import logging
+
+        logging.getLogger("moeprune").warning(
+            "%s holds sequential statistics (each layer observed with the %s plan's upstream layers pruned); "
+            "their own plan is %s/plan.json, a new plan here is made from those pruned-upstream statistics",
+            a.stats, stats.meta["sequential_plan"].get("method"), a.stats)
     target = Target(expert_sparsity=a.sparsity, param_ratio=a.param_ratio, memory_gb=a.memory_gb,
                     allocation=a.allocation, min_keep=a.min_keep)
     plan = method.plan(stats, target)
