@@ -38,7 +38,6 @@ from moeprune.recipe import EvalConfig, Recipe
 from moeprune.serving import warn_if_transformers_only
 
 log = logging.getLogger("moeprune")
-OFFLOAD_DIR = ".offload"  # layer-wise runs: the decoder layers' weights on disk, deleted when the run ends
 
 
 @dataclass
@@ -201,7 +200,6 @@ def staged_run(out: Path, *, sources: list[str | None], overwrite: bool) -> Iter
 
 
 def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
-    shutil.rmtree(tmp / OFFLOAD_DIR, ignore_errors=True)
     shutil.rmtree(tmp / "stats" / "layerwise-work", ignore_errors=True)
     if not any(tmp.iterdir()):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,10 +218,10 @@ def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
 
 
 def _load(model: Any, r: Recipe, out: str | None, tokenizer: Any) -> tuple[Any, Any]:
-    from moeprune.models import load_model, load_offloaded_model
+    from moeprune.models import load_layerwise_model, load_model
 
     if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):  # the recipe ensures streaming
-        m, tok = load_offloaded_model(model, os.path.join(out, OFFLOAD_DIR), dtype=r.dtype, device=r.device,
+        m, tok = load_layerwise_model(model, dtype=r.dtype, device=r.device,
                                       experts_implementation=r.experts_implementation)
     else:
         m, tok = load_model(model, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
@@ -254,7 +252,6 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
         m = apply_fn(model, m, tok, r, plan, out, results, progress)
     finally:
         if out:
-            shutil.rmtree(os.path.join(out, OFFLOAD_DIR), ignore_errors=True)
             if results:
                 _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
     if out:
