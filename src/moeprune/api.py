@@ -217,7 +217,7 @@ def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
         err.add_note(f"results computed before the failure are in {failed}")
 
 
-def _load(model: Any, r: Recipe, out: str | None, tokenizer: Any) -> tuple[Any, Any]:
+def _load(model: Any, r: Recipe, tokenizer: Any) -> tuple[Any, Any]:
     from moeprune.models import load_layerwise_model, load_model
 
     if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):  # the recipe ensures streaming
@@ -240,7 +240,7 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
     torch.manual_seed(r.seed)
     t0 = time.time()
     results: dict[str, Any] = {}
-    m, tok = _load(model, r, out, tokenizer)
+    m, tok = _load(model, r, tokenizer)
     try:
         stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
                           stats_dir=os.path.join(out, "stats") if out else None)
@@ -251,9 +251,8 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
         apply_fn = _apply_streaming if r.apply.mode == "streaming" else _apply_in_memory
         m = apply_fn(model, m, tok, r, plan, out, results, progress)
     finally:
-        if out:
-            if results:
-                _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
+        if out and results:
+            _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
     if out:
         _write_reports(out, r, plan, results)
     return OneshotResult(model=m, tokenizer=tok, plan=plan, stats=stats, eval=results, output_dir=out)
