@@ -29,6 +29,20 @@ from moeprune.arch.structure import decoder_layers, iter_moe_blocks
 log = logging.getLogger("moeprune")
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    """transformers' "Loading weights" bar, once per layer, would flood the run's output."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class LazyLayers:
     """The decoder layers of a META model, each loadable from the checkpoint and releasable."""
 
@@ -62,12 +76,14 @@ class LazyLayers:
         try:
             sd = {k: handles[self.files[k]].get_slice(k) for k in keys}
             kept = list(getattr(self.model, "_weight_conversions", None) or [])
-            info, _ = convert_and_load_state_dict_in_model(self.model, sd, self.load_config)
+            with _no_progress_bar():
+                info, _ = convert_and_load_state_dict_in_model(self.model, sd, self.load_config)
             # transformers keeps the conversions used (for saving): the union over all loads, not the last
             self.model._weight_conversions = kept + [c for c in self.model._weight_conversions if c not in kept]
         finally:
-            del sd
-            handles.clear()  # no mapping left open: mapped pages would count in RSS
+            sd = None
+            handles.clear()
+        self._own(i)
         prefix = f"{self.layer_prefix}.{i}."
         missing = sorted(k for k in info.missing_keys if k.startswith(prefix)
                          and self.model.get_parameter_or_buffer(k).device.type == "meta")
@@ -75,6 +91,20 @@ class LazyLayers:
             raise ValueError(f"decoder layer {i} could not be loaded from the checkpoint: missing {missing[:4]}, "
                              f"shape mismatches {sorted(info.mismatched_keys)[:4]}; the checkpoint's keys do not "
                              "follow the transformers layout of this model_type")
+
+    def _own(self, i: int) -> None:
+        """Copy layer ``i``'s tensors that are views of the memory-mapped shard (renamed-only keys: attention,
+        norms, router) into their own allocations, so no mapping outlives ``load``: pages read through a
+        mapping count in the RSS while it is mapped (the fused experts are fresh stacks already)."""
+        with torch.no_grad():
+            for mod in self.layers[i].modules():
+                for store in (mod._parameters, mod._buffers):
+                    for name, t in store.items():
+                        if t is None or t.device.type != "cpu" or t.untyped_storage().resizable():
+                            continue
+                        fresh = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+                        store[name] = nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(
+                            t, nn.Parameter) else fresh
 
     def release(self, i: int) -> None:
         """Put layer ``i``'s parameters and persistent buffers back on META (non-persistent buffers stay)."""
@@ -189,8 +219,9 @@ def _load_rest(model: nn.Module, files: dict[str, str], keys: list[str], load_co
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
     handles = {f: safe_open(f, "pt", device="cpu") for f in sorted({files[k] for k in keys})}
-    info, _ = convert_and_load_state_dict_in_model(model, {k: handles[files[k]].get_slice(k) for k in keys},
-                                                   load_config)
+    with _no_progress_bar():
+        info, _ = convert_and_load_state_dict_in_model(model, {k: handles[files[k]].get_slice(k) for k in keys},
+                                                       load_config)
     handles.clear()
     info.missing_keys = {k for k in info.missing_keys if not k.startswith(layer_prefix + ".")}
     model.mark_tied_weights_as_initialized(info)
