@@ -212,3 +212,16 @@ def test_accelerate_offloaded_model_still_observed_layer_by_layer(tiny_cache, tm
             # onloaded weights may sit at other addresses than from_pretrained's: CPU GEMM kernels chosen by
             # alignment can round differently (see realign_tensors_), so fp32 rounding-level tolerance
             torch.testing.assert_close(got[li][name], t, rtol=1e-5, atol=1e-6, msg=f"L{li} {name}")
+
+
+def test_free_space_for_the_activations_checked(tiny_cache, tmp_path, monkeypatch):
+    """What a layer-wise run writes (one layer's inputs + outputs) is checked before writing it."""
+    import shutil
+
+    import moeprune.atomic
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(moeprune.atomic.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(OSError, match="not enough disk space for the layer-wise activations"):
+        observe_layerwise(tiny_cache("qwen3_moe"), _batches(), progress=False, checkpoint_dir=tmp_path / "w")
+    assert not list((tmp_path / "w").glob("acts_*"))

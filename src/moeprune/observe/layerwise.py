@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.arch.structure import decoder_layers
-from moeprune.atomic import atomic_write, atomic_write_text
+from moeprune.atomic import atomic_write, atomic_write_text, check_free_space
 from moeprune.models import input_device
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
@@ -257,6 +257,9 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
             start = 0
             if ckpt:
                 ckpt.reset()
+                # a layer's inputs and outputs are on disk at once (the weights are never copied)
+                check_free_space(ckpt.folder, 2 * sum(h.numel() * h.element_size() for h in hidden),
+                                 f"the layer-wise activations in {ckpt.folder}")
                 for b, h in enumerate(hidden):
                     ckpt.write_act(0, b, h)
                 ckpt.commit(0, obs.state_dict())
