@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,14 +57,11 @@ class LazyLayers:
         self._auto_loaded: set[int] = set()
 
     def is_loaded(self, i: int) -> bool:
-        return not any(t.device.type == "meta" for t in self._tensors(i))
+        return not any(p.device.type == "meta" for p in self.layers[i].parameters())
 
     def resident(self) -> list[int]:
         """Indices of the decoder layers holding any materialised parameter."""
         return [i for i, lay in enumerate(self.layers) if any(p.device.type != "meta" for p in lay.parameters())]
-
-    def _tensors(self, i: int) -> Iterator[torch.Tensor]:
-        yield from self.layers[i].parameters()
 
     def load(self, i: int) -> None:
         """Read layer ``i``'s keys from the mmapped shards and convert them as ``from_pretrained`` does."""
@@ -73,15 +69,15 @@ class LazyLayers:
 
         keys = self.layer_keys.get(i, [])
         handles = {f: safe_open(f, "pt", device="cpu") for f in sorted({self.files[k] for k in keys})}
+        sd = {k: handles[self.files[k]].get_slice(k) for k in keys}
         try:
-            sd = {k: handles[self.files[k]].get_slice(k) for k in keys}
             kept = list(getattr(self.model, "_weight_conversions", None) or [])
             with _no_progress_bar():
                 info, _ = convert_and_load_state_dict_in_model(self.model, sd, self.load_config)
             # transformers keeps the conversions used (for saving): the union over all loads, not the last
             self.model._weight_conversions = kept + [c for c in self.model._weight_conversions if c not in kept]
         finally:
-            sd = None
+            sd.clear()
             handles.clear()
         self._own(i)
         prefix = f"{self.layer_prefix}.{i}."
@@ -119,10 +115,10 @@ class LazyLayers:
 
     @contextlib.contextmanager
     def held(self, i: int):
-        """Layer ``i`` materialised for the whole block (all batches), released after."""
-        self.load(i)
+        """Layer ``i`` materialised for the whole block (all batches), released after (also on errors)."""
         self.pinned.add(i)
         try:
+            self.load(i)
             yield self.layers[i]
         finally:
             self.pinned.discard(i)
