@@ -157,16 +157,31 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def run_moeprune(src: Path, out: Path, args) -> dict:
-    """``moeprune run`` in a subprocess, polled every 0.2 s; peak RSS also from ``getrusage``."""
+LAZY_READ = """
+import sys, time, torch
+from moeprune.models import load_layerwise_model
+from moeprune.observe.lazy import lazy_layers
+t0 = time.time()
+lazy = lazy_layers(load_layerwise_model(sys.argv[1], dtype=torch.bfloat16)[0])
+for i in range(len(lazy.layers)):
+    with lazy.held(i):
+        pass
+print(f"lazy read of every layer: {time.time() - t0:.1f} s")
+"""
+
+
+def run_moeprune(src: Path, out: Path, args, cmd: list[str] | None = None) -> dict:
+    """``moeprune run`` (or ``cmd``) in a subprocess, polled every 0.2 s; peak RSS also from ``getrusage``
+    (the maximum over this process's children so far: the run is the first child, the probe the second)."""
     sets = {"model": str(src), "dtype": "bfloat16", "method.name": args.method,
             "target.expert_sparsity": "0.5", "calibration.layerwise": "true", "apply.mode": "streaming",
             "calibration.num_samples": str(args.samples), "calibration.seq_len": str(args.seq_len),
             "calibration.batch_size": str(args.batch_size), "eval.perplexity": "null", "eval.kl": "false",
             "report": "false"}
-    cmd = [sys.executable, "-m", "moeprune.cli", "run", str(out), "--quiet"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
+    if cmd is None:
+        cmd = [sys.executable, "-m", "moeprune.cli", "run", str(out), "--quiet"]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
@@ -188,7 +203,7 @@ def run_moeprune(src: Path, out: Path, args) -> dict:
             t = time.time() - t0
             if not timeline or t - timeline[-1][0] >= 5:
                 timeline.append((round(t, 1), s.get("RssAnon", 0), s.get("RssFile", 0)))
-            for name, pattern in (("plan", "plan.json"), ("apply", "model/*.safetensors")):
+            for name, pattern in (("plan", "plan.json"), ("apply", "*model*/*.safetensors")):
                 if name not in phases and any(out.parent.glob(f".{out.name}*/{pattern}")):
                     phases[name] = round(t, 1)
             time.sleep(0.2)
@@ -250,6 +265,10 @@ def main() -> None:
         res["output_bytes"] = folder_bytes(out)
         res["output_files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         pruned = folder_bytes(out / "model")
+        drop_cache(src)  # the loader alone, cold: every layer read + converted + released, no compute
+        lazy = run_moeprune(src, out, args, [sys.executable, "-c", LAZY_READ, str(src)])
+        res["lazy_read"] = {k: lazy[k] for k in ("wall_s", "peak_rss_polled", "peak_rss_anon_polled",
+                                                 "peak_rss_file_polled", "io_read_bytes", "log_tail")}
         if not args.keep:  # the write probe needs the disk space of the pruned model
             shutil.rmtree(out)
         drop_cache(src)
@@ -267,7 +286,7 @@ def main() -> None:
     print(f"peak RSS {r['peak_rss_getrusage'] / 2**30:.2f} GiB (anon {r['peak_rss_anon_polled'] / 2**30:.2f}, "
           f"file-mapped {r['peak_rss_file_polled'] / 2**30:.2f}); written {r['io_write_bytes'] / 1e9:.2f} GB "
           f"(output {res['output_bytes'] / 1e9:.2f} GB); run {r['wall_s']} s vs limit {res['limit']['total_s']} s "
-          f"(x{res['ratio_to_limit']})")
+          f"(x{res['ratio_to_limit']}); {res['lazy_read']['log_tail'].strip()}")
     if not args.smoke:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(res, indent=1) + "\n")
