@@ -225,3 +225,13 @@ def test_free_space_for_the_activations_checked(tiny_cache, tmp_path, monkeypatc
     with pytest.raises(OSError, match="not enough disk space for the layer-wise activations"):
         observe_layerwise(tiny_cache("qwen3_moe"), _batches(), progress=False, checkpoint_dir=tmp_path / "w")
     assert not list((tmp_path / "w").glob("acts_*"))
+
+
+def test_auto_dtype_is_the_checkpoint_dtype(tmp_path):
+    """``dtype: auto`` reads the checkpoint's dtype from its config, as from_pretrained(dtype="auto")."""
+    tiny_model("qwen3_moe", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    lazy, _ = load_layerwise_model(str(tmp_path), dtype="auto")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert ref.dtype == torch.bfloat16 and lazy.model.embed_tokens.weight.dtype == torch.bfloat16
+    with lazy_layers(lazy).held(1) as layer:
+        _assert_module_equal(layer, ref.model.layers[1], "layer 1")
