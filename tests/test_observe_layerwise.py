@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
+import transformers
 
-from moeprune.models import load_offloaded
+from moeprune.models import load_layerwise_model
 from moeprune.observe import observe, observe_layerwise
 
 FEATS = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction")
@@ -36,24 +37,31 @@ def test_layerwise_equals_full_pass(arch, tiny_cache):
     _assert_same(full, observe_layerwise(model, _batches(), features=FEATS, progress=False))
 
 
-def test_offloaded_model_one_layer_resident_and_equal(tiny_cache, tmp_path):
-    model = tiny_cache("mixtral")
-    full = observe(model, _batches(), features=("routed", "transitions", "paths"), progress=False)
-    model.save_pretrained(tmp_path / "ckpt")
-    off = load_offloaded(tmp_path / "ckpt", tmp_path / "offload")
-    layers = off.model.layers
-    assert all(p.device.type == "meta" for p in layers.parameters())  # nothing resident before the run
+def _resident_counter(layers):
+    """Forward pre-hooks recording, at every decoder layer's attention, how many layers hold real weights."""
     resident = []
 
     def count(mod, args):
         resident.append(sum(any(p.device.type != "meta" for p in lay.parameters()) for lay in layers))
-    hooks = [lay.self_attn.register_forward_pre_hook(count) for lay in layers]
-    got = observe_layerwise(off, _batches(), features=("routed", "transitions", "paths"), progress=False,
+    return resident, [lay.self_attn.register_forward_pre_hook(count) for lay in layers]
+
+
+def test_lazy_model_one_layer_resident_and_equal(tiny_cache, tmp_path):
+    """Mixtral stores per-expert keys: transformers' converter stacks them while a layer is read."""
+    tiny_cache("mixtral").save_pretrained(tmp_path / "ckpt")
+    # the reference: the full pass of from_pretrained's model, same experts kernel as the lazy one
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", experts_implementation="eager")
+    full = observe(ref, _batches(), features=("routed", "transitions", "paths"), progress=False)
+    lazy, _ = load_layerwise_model(str(tmp_path / "ckpt"), experts_implementation="eager")
+    layers = lazy.model.layers
+    assert all(p.device.type == "meta" for p in layers.parameters())  # nothing resident before the run
+    resident, hooks = _resident_counter(layers)
+    got = observe_layerwise(lazy, _batches(), features=("routed", "transitions", "paths"), progress=False,
                             checkpoint_dir=tmp_path / "run")
     for h in hooks:
         h.remove()
     assert resident == [1] * (len(layers) * 2)  # 3 layers x 2 batches, one layer materialised each time
-    assert all(p.device.type == "meta" for p in layers.parameters())  # offloaded again afterwards
+    assert all(p.device.type == "meta" for p in layers.parameters())  # released again afterwards
     _assert_same(full, got)
 
 

@@ -39,7 +39,6 @@ from moeprune.recipe import EvalConfig, Recipe
 from moeprune.serving import warn_if_transformers_only
 
 log = logging.getLogger("moeprune")
-OFFLOAD_DIR = ".offload"  # layer-wise runs: the decoder layers' weights on disk, deleted when the run ends
 
 
 @dataclass
@@ -202,7 +201,6 @@ def staged_run(out: Path, *, sources: list[str | None], overwrite: bool) -> Iter
 
 
 def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
-    shutil.rmtree(tmp / OFFLOAD_DIR, ignore_errors=True)
     shutil.rmtree(tmp / "stats" / "layerwise-work", ignore_errors=True)
     if not any(tmp.iterdir()):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,11 +218,11 @@ def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
         err.add_note(f"results computed before the failure are in {failed}")
 
 
-def _load(model: Any, r: Recipe, out: str | None, tokenizer: Any) -> tuple[Any, Any]:
-    from moeprune.models import load_model, load_offloaded_model
+def _load(model: Any, r: Recipe, tokenizer: Any) -> tuple[Any, Any]:
+    from moeprune.models import load_layerwise_model, load_model
 
     if r.calibration.layerwise and isinstance(model, str) and os.path.isdir(model):  # the recipe ensures streaming
-        m, tok = load_offloaded_model(model, os.path.join(out, OFFLOAD_DIR), dtype=r.dtype, device=r.device,
+        m, tok = load_layerwise_model(model, dtype=r.dtype, device=r.device,
                                       experts_implementation=r.experts_implementation)
     else:
         m, tok = load_model(model, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
@@ -243,7 +241,7 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
     torch.manual_seed(r.seed)
     t0 = time.time()
     results: dict[str, Any] = {}
-    m, tok = _load(model, r, out, tokenizer)
+    m, tok = _load(model, r, tokenizer)
     try:
         target = r.target.build()
         seq = {"method": method, "target": target} if r.calibration.sequential else {}
@@ -256,10 +254,8 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
         apply_fn = _apply_streaming if r.apply.mode == "streaming" else _apply_in_memory
         m = apply_fn(model, m, tok, r, plan, out, results, progress)
     finally:
-        if out:
-            shutil.rmtree(os.path.join(out, OFFLOAD_DIR), ignore_errors=True)
-            if results:
-                _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
+        if out and results:
+            _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
     if out:
         _write_reports(out, r, plan, results)
     return OneshotResult(model=m, tokenizer=tok, plan=plan, stats=stats, eval=results, output_dir=out)

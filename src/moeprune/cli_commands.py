@@ -49,7 +49,7 @@ def cmd_demo(a) -> None:
 
 
 def cmd_observe(a) -> None:
-    from moeprune.models import load_model, load_offloaded_model, warn_positions
+    from moeprune.models import load_layerwise_model, load_model, warn_positions
     from moeprune.observe.calibration import calibrate
     from moeprune.recipe import CalibrationConfig
 
@@ -64,8 +64,8 @@ def cmd_observe(a) -> None:
         get_method(a.method)
     writable_dir(a.out, "statistics")
     warn_positions(a.model, cfg.seq_len, "calibration")
-    if a.layerwise and os.path.isdir(a.model):  # larger than memory: decoder layers stay on disk until used
-        model, tok = load_offloaded_model(a.model, os.path.join(a.out, "offload"), dtype=a.dtype, device=a.device,
+    if a.layerwise and os.path.isdir(a.model):  # larger than memory: each decoder layer read when it runs
+        model, tok = load_layerwise_model(a.model, dtype=a.dtype, device=a.device,
                                           experts_implementation=a.experts_implementation)
     else:
         model, tok = load_model(a.model, dtype=a.dtype, device=a.device,
@@ -82,10 +82,6 @@ def cmd_observe(a) -> None:
         dist.destroy_process_group()
         if rank != 0:
             return
-    if a.layerwise:
-        import shutil
-
-        shutil.rmtree(os.path.join(a.out, "offload"), ignore_errors=True)
     print(f"statistics of {len(stats.layers)} MoE layers ({', '.join(feats)}) saved to {a.out}")
     if seq:
         from moeprune.observe.sequential import sequential_plan

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from moeprune.arch.structure import decoder_layers, iter_moe_blocks
-from moeprune.atomic import check_free_space, folder_bytes
 
 log = logging.getLogger("moeprune")
 
@@ -205,18 +203,34 @@ def _from_hub(spec: str, kw: dict) -> PreTrainedModel:
                                 f"model available here ({first}); offline, only cached hub models load") from None
 
 
-def load_offloaded_model(path: str, offload_folder: str, *, dtype: str | torch.dtype | None = "float32",
-                         device: str = "cpu", experts_implementation: str | None = "auto"):
-    """``(model, tokenizer)`` with every decoder layer of the checkpoint kept on disk (accelerate offload)
-    until used: for layer-wise observation of models larger than memory."""
-    experts_implementation = resolve_experts_implementation(experts_implementation, device)
-    kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    model = load_offloaded(path, offload_folder, device=device, dtype=parse_dtype(dtype), **kw)
+def load_layerwise_model(path: str, *, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
+                         experts_implementation: str | None = "auto", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` for layer-wise calibration of a checkpoint folder larger than memory: decoder
+    layers stay on the META device and are read from the source safetensors one at a time
+    (``moeprune.observe.lazy``); nothing is copied to disk. A folder without safetensors weights is loaded
+    whole (logged): ``.bin`` pickles cannot be read one layer at a time."""
+    from moeprune.apply.shards import source_files
+    from moeprune.observe.lazy import load_lazy
+
+    try:
+        source_files(Path(path))
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("layer-wise calibration loads %s whole: %s", path, e)
+        return load_model(path, dtype=dtype, device=device, experts_implementation=experts_implementation)
+    dt = parse_dtype(dtype)
+    if dt in (None, "auto"):
+        cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        dt = getattr(cfg.get_text_config(), "dtype", None) or torch.float32
+        dt = parse_dtype(dt) if isinstance(dt, str) else dt
+    model = load_lazy(path, dtype=dt, device=device, trust_remote_code=trust_remote_code,
+                      experts_implementation=resolve_experts_implementation(experts_implementation, device))
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         tok = None
-    return model.eval(), tok
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -227,36 +241,3 @@ def input_device(model: torch.nn.Module) -> torch.device:
     except (AttributeError, NotImplementedError):
         dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     return dev if dev.type != "meta" else torch.device("cpu")
-
-
-def offload_device_map(model: torch.nn.Module, device: str = "cpu") -> dict[str, str]:
-    """A device map putting every decoder layer on ``"disk"`` and every other module on ``device``."""
-    lname, layers = decoder_layers(model, [name for _, name, _ in iter_moe_blocks(model)])
-    dmap = {f"{lname}.{i}": "disk" for i in range(len(layers))}
-    parts = lname.split(".")
-    for depth in range(len(parts)):
-        prefix = ".".join(parts[:depth])
-        parent = model.get_submodule(prefix)
-        for child, _ in parent.named_children():
-            full = f"{prefix}.{child}" if prefix else child
-            if full != ".".join(parts[:depth + 1]):
-                dmap[full] = device
-    return dmap
-
-
-def load_offloaded(path: str | os.PathLike, offload_folder: str | os.PathLike, *, device: str = "cpu", **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with every decoder layer offloaded to ``offload_folder``
-    (transformers converts the on-disk expert layout); pair it with ``observe_layerwise``."""
-    from accelerate import init_empty_weights
-
-    from moeprune.apply.shards import is_weight_file
-
-    if os.path.isdir(path):  # the decoder layers (nearly all the weights) are copied into offload_folder
-        check_free_space(offload_folder, folder_bytes(path, is_weight_file),
-                         f"the layer-wise offload copy of {path}'s weights in {offload_folder}")
-    config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items()
-                                                               if k == "trust_remote_code"})
-    with init_empty_weights():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map=offload_device_map(skeleton, device), offload_folder=os.fspath(offload_folder), **kwargs)

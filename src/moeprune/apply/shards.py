@@ -66,13 +66,20 @@ def st_dtype(name: str, key: str) -> torch.dtype:
     raise ValueError(f"{key}: unsupported safetensors dtype {name}")
 
 
-def open_handles() -> Callable[[str], Any]:
-    """A cache of open ``safe_open`` handles, one per shard: ``get(path)``."""
+def open_handles(keep: int | None = None) -> Callable[[str], Any]:
+    """A cache of open ``safe_open`` handles, one per shard: ``get(path)``. ``keep``: at most this many
+    stay open (least recently used closed first). Why: the pages read through an open handle's memory map
+    count in the process RSS until it is closed, so a rewrite reading a checkpoint larger than memory keeps
+    only the shards it is reading open."""
     cache: dict[str, Any] = {}
 
     def get(path: str):
-        if path not in cache:
+        if path in cache:
+            cache[path] = cache.pop(path)  # most recently used last
+        else:
             cache[path] = safe_open(path, "pt")
+            while keep is not None and len(cache) > keep:
+                cache.pop(next(iter(cache)))
         return cache[path]
 
     return get

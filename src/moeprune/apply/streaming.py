@@ -171,7 +171,7 @@ def rewrite_checkpoint(
                       "apply without --streaming (in memory) to store width buckets and save that memory",
                       stacklevel=2)
 
-    handle = open_handles()
+    handle = open_handles(keep=2)  # mapped pages of closed shards leave the RSS
     with output_lock(out), atomic_dir(out) as tmp:
         check_output_dir(out, sources=[src], overwrite=overwrite)  # under the lock, again
         check_free_space(tmp, sum(s.nbytes for s in specs.values()), f"the pruned checkpoint {out}")

@@ -4,8 +4,9 @@
   callable with the same arguments, so ``from moeprune import observe; observe(model, batches)`` works.
 * ``calibrate(model, tokenizer, cfg, features)``: the one calibration entry point (source, selection, and
   the full / layer-wise / data-parallel pass chosen from the config; ``observe/calibration.py``).
-* ``observe_layerwise(model, batches, checkpoint_dir=...)``: one decoder layer at a time (offloaded
-    models, resumable); ``moeprune.models.load_offloaded(path, offload_folder)`` loads a model for it.
+* ``observe_layerwise(model, batches, checkpoint_dir=...)``: one decoder layer at a time (models larger
+    than memory, resumable); ``moeprune.models.load_layerwise_model(path)`` opens a checkpoint folder for it
+    with every decoder layer read from the safetensors only while it runs (``observe.lazy``).
 * ``observe_distributed(model, batches)``: data-parallel over a torch.distributed group.
 * ``load_calibration(source, tokenizer, ...)`` -> ``Calibration(batches, meta)``; ``build_batches`` /
   ``load_texts`` are its parts; ``select_representatives`` is MoE Pathfinder's k-means selection.

@@ -1,13 +1,15 @@
 """Layer-by-layer calibration: models larger than memory, resumable after an interruption.
 
-Route (and why): the model is loaded by transformers itself with accelerate disk offload
-(``load_offloaded``: decoder layers on ``"disk"``, the rest on the execution device), so the checkpoint's
-on-disk -> fused key conversion stays transformers' job. ``observe_layerwise`` then
+Route (and why): a checkpoint folder is opened with ``moeprune.models.load_layerwise_model``
+(``observe.lazy``): the model on the META device, decoder layer i read from the source safetensors
+(memory-mapped) and converted by transformers' own loading code only while it runs, so nothing is copied
+to disk. Models dispatched by accelerate with offloaded layers work too (their hooks onload a layer once).
+``observe_layerwise`` then
 1. records, per batch, the decoder-layer inputs with a cheap stub pass (every layer's ``forward`` is
    replaced by a recorder; the model stops after the last layer), so per-layer kwargs (attention masks of
    sliding/full layers, rotary embeddings) are exactly what the model would pass;
-2. runs each decoder layer once over ALL batches: its weights are onloaded once (accelerate hooks switched
-   to keep them) and offloaded after, activations live on CPU or in ``checkpoint_dir``.
+2. runs each decoder layer once over ALL batches: its weights are materialised once (``materialised``)
+   and released after, activations live on CPU or in ``checkpoint_dir``.
 Peak memory is one decoder layer plus the cached activations (one batch when they live on disk). The MoE
 capture and accumulators are the full pass's (``Observer``), so the statistics equal the full pass.
 With ``checkpoint_dir`` each finished layer commits its outputs and the accumulator state atomically;
@@ -33,10 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.arch.structure import decoder_layers
-from moeprune.atomic import atomic_write, atomic_write_text
+from moeprune.atomic import atomic_write, atomic_write_text, check_free_space
 from moeprune.models import input_device
 from moeprune.observe.capture import MoECapture
 from moeprune.observe.data import batches_hash
+from moeprune.observe.lazy import lazy_layers
 from moeprune.observe.recon_cache import DEFAULT_MAX_GB
 from moeprune.observe.runner import (
     Observer,
@@ -141,6 +144,15 @@ def onloaded(layer: nn.Module):
         for m, hk in held:
             hk.offload = True
             hk.post_forward(m, None)
+
+
+@contextlib.contextmanager
+def materialised(model: nn.Module, i: int, layer: nn.Module):
+    """Decoder layer ``i``'s weights in memory for every batch, released after: read from the checkpoint
+    (a ``load_layerwise_model`` model), onloaded (accelerate offload), or already there."""
+    lazy = lazy_layers(model)
+    with (lazy.held(i) if lazy is not None else onloaded(layer)):
+        yield layer
 
 
 def execution_device(layer: nn.Module, default) -> torch.device:
@@ -277,7 +289,8 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
                                           recon_tokens=recon_tokens, recon_max_gb=recon_max_gb,
                                           implementation=implementation, data=data, checkpoint_dir=ahead,
                                           resume=resume)
-    with eval_mode(model), torch.no_grad(), MoECapture(
+    lazy = lazy_layers(model)
+    with eval_mode(model), torch.no_grad(), (lazy.manual() if lazy else contextlib.nullcontext()), MoECapture(
             model, obs, banks=obs.banks, intermediates=obs.needs_intermediates, residual=obs.needs_residual,
             implementation=implementation) as cap:
         if start is None:
@@ -285,6 +298,9 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
             start = 0
             if ckpt:
                 ckpt.reset()
+                # a layer's inputs and outputs are on disk at once (the weights are never copied)
+                check_free_space(ckpt.folder, 2 * sum(h.numel() * h.element_size() for h in hidden),
+                                 f"the layer-wise activations in {ckpt.folder}")
                 for b, h in enumerate(hidden):
                     ckpt.write_act(0, b, h)
                 ckpt.commit(0, obs.state_dict())
@@ -300,7 +316,7 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
         for i in tqdm(range(start, len(layers)), desc="observe (layer-wise)", disable=not progress):
             layer = layers[i]
             dev = execution_device(layer, device)
-            with onloaded(layer):
+            with materialised(model, i, layer):
                 out = _run_layer(layer, i, batches, hidden, calls, ckpt, cap, dev, keep_inputs=i in moe_at)
                 if i in moe_at:  # sequential: plan this MoE layer, re-run it pruned for the next layer's inputs
                     seq.decide(moe_at[i], obs, model, data)
