@@ -244,7 +244,8 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
     results: dict[str, Any] = {}
     m, tok = _load(model, r, out, tokenizer)
     try:
-        stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
+        stats = calibrate(m, tok, r.calibration, tuple(method.needs), method=method, target=r.target.build(),
+                          progress=progress,
                           stats_dir=os.path.join(out, "stats") if out else None)
         plan = method.plan(stats, r.target.build())
         warn_if_transformers_only(plan)  # non-uniform / ragged: say where the result will (not) load

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from moeprune.observe.accumulators import CHUNK_ELEMENTS, Accumulator, _sel, fp
+from moeprune.observe.recon_math import expert_output_chunks
 from moeprune.observe.record import MoERecord
 
 
@@ -131,7 +132,9 @@ class ReconstructionAccumulator(Accumulator):
             pick = vi[sub.to(vi.device)]
         lg = rec.logits.index_select(0, pick)
         self._cat("recon_logits", lg)
-        self._cat("recon_expert_out", rec.bank.all_outputs(rec.x.index_select(0, pick), lg))
+        # the token chunks of the online path (naee_online): both score bitwise the same expert outputs
+        outs = [o for _, o in expert_output_chunks(rec.bank, rec.x.index_select(0, pick), fp(lg))]
+        self._cat("recon_expert_out", torch.cat(outs) if outs else lg.new_zeros(0, *self.shapes["recon_expert_out"]))
         self._cat("recon_target", rec.routed.index_select(0, pick))
         self._cat("recon_batch", torch.full((pick.numel(),), rec.batch_index, dtype=torch.int64))
         if "recon_input" in self.shapes:
