@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("batch_sum", "pooled")
 CHUNK_ELEMENTS = 1 << 24  # float64 [n, E, H] chunk of the cached expert outputs (128 MiB)
-ONLINE_LOSS = {"batch_sum": "naee_loss", "pooled": "naee_sq"}  # naee_online statistic of each loss
 
 
 def batch_index(stats: ExpertStats, layer: int) -> tuple[torch.Tensor, int]:
@@ -197,7 +196,9 @@ class NAEE(MethodConfig):
             )
         d = stats.layers[li]
         fid = float(d["naee_full_sq"].sqrt()) / max(float(d["naee_target_sq"].sqrt()), 1e-300)
-        return stats.get(li, ONLINE_LOSS[self.loss]).double(), fid
+        if self.loss == "pooled":  # one norm over every token: sqrt of the summed per-batch squares
+            return stats.get(li, "naee_sq").double().sqrt(), fid
+        return stats.get(li, "naee_loss").double(), fid
 
     def _cached_losses(self, stats: ExpertStats, li: int, E: int, ks: list) -> tuple[torch.Tensor, float]:
         """``([n] losses, fidelity)`` of the keep sets ``ks`` on the cached tokens of layer ``li``."""
