@@ -40,7 +40,7 @@ from moeprune.methods.allocation import balanced_splits, build_plan, group_layou
 from moeprune.methods.registry import MethodConfig, register_method
 from moeprune.methods.target import layer_meta, layer_top_k
 from moeprune.observe.accumulators_naee import NaeeLayerSpec
-from moeprune.observe.recon_math import extended_outputs, route, route_topk, sq_errors
+from moeprune.observe.recon_math import TOKEN_SLICE, candidate_sq_errors, extended_outputs, route
 
 __all__ = ["NAEE", "keep_sets", "n_keep_sets", "reconstruction_loss_fn", "route"]
 
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 
 LOSSES = ("batch_sum", "pooled")
-CHUNK_ELEMENTS = 1 << 24  # float64 [n, E, H] chunk of the cached expert outputs (128 MiB)
 
 
 def batch_index(stats: ExpertStats, layer: int) -> tuple[torch.Tensor, int]:
@@ -67,8 +66,10 @@ def batch_index(stats: ExpertStats, layer: int) -> tuple[torch.Tensor, int]:
     return inv, int(uniq.numel())
 
 
-def batch_sq_error_fn(stats: ExpertStats, layer: int):
-    """``keep -> [B]`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch when only ``keep`` is routable."""
+def batch_sq_errors(stats: ExpertStats, layer: int, keeps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(full [B], errors [C, B])`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch with every expert
+    kept and with only each of the C keep sets ``keeps`` routable (``recon_math.candidate_sq_errors``, the
+    maths ``naee_online`` runs during observe)."""
     logits = stats.get(layer, "recon_logits")  # [T, E_router]
     out = stats.get(layer, "recon_expert_out")  # [T, E, H], float32 (float64 models: float64)
     target = stats.get(layer, "recon_target")  # [T, H]
@@ -80,31 +81,36 @@ def batch_sq_error_fn(stats: ExpertStats, layer: int):
     if bias is not None:
         bias = torch.where(torch.isfinite(bias), bias, torch.zeros_like(bias)).double()
     E, T, width = out.shape[1], out.shape[0], logits.shape[1]
-    step = max(1, CHUNK_ELEMENTS // max(1, width * out.shape[2]))
+    masks = torch.zeros(len(keeps), E, dtype=torch.bool)
+    for c, keep in enumerate(keeps):
+        masks[c, list(keep)] = True
+    full, sq = torch.zeros(nb, dtype=torch.float64), torch.zeros(len(keeps), nb, dtype=torch.float64)
+    for lo in range(0, T, TOKEN_SLICE):  # float64 per slice: the cache stays float32
+        sl = slice(lo, lo + TOKEN_SLICE)
+        f = extended_outputs(out[sl], None if x is None else x[sl], width)  # [t, E_router, H]
+        f_sq, err = candidate_sq_errors(f, target[sl], logits[sl], masks, top_k, router, groups, bias)
+        full.index_add_(0, bid[sl], f_sq)
+        sq.index_add_(1, bid[sl], err)
+    return full, sq
 
-    def sq_err(keep) -> torch.Tensor:
-        mask = torch.zeros(E, dtype=torch.bool)
-        mask[list(keep)] = True
-        sq = torch.zeros(nb, dtype=torch.float64)
-        for lo in range(0, T, step):  # float64 in chunks: the cache stays float32
-            sl = slice(lo, lo + step)
-            idx, w = route_topk(logits[sl], mask, top_k, router, groups, bias)  # [t, k]
-            f = extended_outputs(out[sl], None if x is None else x[sl], width)  # [t, E_router, H] float64
-            sq.index_add_(0, bid[sl], sq_errors(f, target[sl], idx[None], w[None])[0])
-        return sq
 
-    return sq_err
+def batch_sq_error_fn(stats: ExpertStats, layer: int):
+    """``keep -> [B]`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch when only ``keep`` is routable."""
+    return lambda keep: batch_sq_errors(stats, layer, [keep])[1][0]
+
+
+def reduce_loss(sq: torch.Tensor, loss: str = "batch_sum") -> torch.Tensor:
+    """``[..., B]`` per-batch squared errors -> ``[...]`` loss: ``batch_sum`` = ``sum_b ||Y_b - Y'_b||_F``
+    (the reference), ``pooled`` = ``||Y - Y'||_F`` over all tokens."""
+    if loss not in LOSSES:
+        raise ValueError(f"naee loss={loss!r}; choose one of {list(LOSSES)}")
+    return sq.sum(-1).sqrt() if loss == "pooled" else sq.sqrt().sum(-1)
 
 
 def reconstruction_loss_fn(stats: ExpertStats, layer: int, loss: str = "batch_sum"):
-    """``keep -> loss`` on the cached tokens of ``layer`` when only ``keep`` is routable: ``batch_sum`` =
-    ``sum_b ||Y_b - Y'_b||_F`` (the reference), ``pooled`` = ``||Y - Y'||_F`` over all cached tokens."""
-    if loss not in LOSSES:
-        raise ValueError(f"naee loss={loss!r}; choose one of {list(LOSSES)}")
-    sq_err = batch_sq_error_fn(stats, layer)
-    if loss == "pooled":
-        return lambda keep: float(sq_err(keep).sum().sqrt())
-    return lambda keep: float(sq_err(keep).sqrt().sum())
+    """``keep -> loss`` on the cached tokens of ``layer`` when only ``keep`` is routable (``reduce_loss``)."""
+    reduce_loss(torch.zeros(1), loss)  # a bad name fails now
+    return lambda keep: float(reduce_loss(batch_sq_error_fn(stats, layer)(keep), loss))
 
 
 def keep_sets(E: int, r: int, groups: tuple[int, int] | None, top_k: int):
@@ -200,21 +206,21 @@ class NAEE(MethodConfig):
             return stats.get(li, "naee_sq").double().sqrt(), fid
         return stats.get(li, "naee_loss").double(), fid
 
-    def _cached_losses(self, stats: ExpertStats, li: int, E: int, ks: list) -> tuple[torch.Tensor, float]:
+    def _cached_losses(self, stats: ExpertStats, li: int, ks: list) -> tuple[torch.Tensor, float]:
         """``([n] losses, fidelity)`` of the keep sets ``ks`` on the cached tokens of layer ``li``."""
-        loss_fn = reconstruction_loss_fn(stats, li, self.loss)
+        full, sq = batch_sq_errors(stats, li, ks)  # [B], [n, B]
         ynorm = float(torch.linalg.norm(stats.get(li, "recon_target").double()))
-        fid = float(batch_sq_error_fn(stats, li)(range(E)).sum().sqrt()) / max(ynorm, 1e-300)
-        bar = tqdm(ks, desc=f"naee layer {li}", disable=not self.progress)
-        return torch.tensor([loss_fn(k) for k in bar], dtype=torch.float64), fid
+        return reduce_loss(sq, self.loss), float(full.sum().sqrt()) / max(ynorm, 1e-300)
 
     def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
         keep, scores, losses, fidelity = {}, {}, {}, {}
-        for li, (E, r, k, groups, n) in self._layer_sizes(stats, target).items():
+        sizes = self._layer_sizes(stats, target)
+        for li in tqdm(sizes, desc="naee layers", disable=not self.progress):
+            E, r, k, groups, n = sizes[li]
             ks = list(keep_sets(E, r, groups, k))
             online = "naee_loss" in stats.layers[li]
             loss, fidelity[str(li)] = (self._online_losses(stats, li, r, n) if online
-                                       else self._cached_losses(stats, li, E, ks))
+                                       else self._cached_losses(stats, li, ks))
             if fidelity[str(li)] > self.fidelity_tol:
                 logger.warning(
                     "naee layer %d: the routing simulation misses the observed routed output by %.3g (relative) "

@@ -22,15 +22,12 @@ import torch
 from moeprune.observe.accumulators import Accumulator, fp
 from moeprune.observe.accumulators_dense import selection_bias
 from moeprune.observe.recon_math import (
-    PAIR_ELEMENTS,
+    TOKEN_SLICE,
+    candidate_sq_errors,
     expert_output_chunks,
     extended_outputs,
-    route_topk,
-    sq_errors,
 )
 from moeprune.observe.record import MoERecord
-
-TOKEN_SLICE = 512  # tokens routed together for a chunk of candidates
 
 
 @dataclass(frozen=True)
@@ -90,22 +87,17 @@ class NaeeOnlineAccumulator(Accumulator):
         y = fp(rec.routed.index_select(0, vi)).double()  # [T, H]
         width = lg.shape[1]
         sp, dev = self.spec, lg.device
-        bias = self._bias.to(dev)
-        masks = self._masks.to(dev)
+        bias, masks = self._bias.to(dev), self._masks.to(dev)
         sq = torch.zeros(masks.shape[0], dtype=torch.float64, device=dev)
         for s, out in expert_output_chunks(rec.bank, x, lg):
             f = extended_outputs(out, fp(x[s]) if width > self.num_experts else None, width)  # [t, E_r, H]
             for lo in range(0, f.shape[0], TOKEN_SLICE):
                 ts = slice(lo, lo + TOKEN_SLICE)
-                fl, yl, ll = f[ts], y[s][ts], lg[s][ts]
+                yl = y[s][ts]
+                full, err = candidate_sq_errors(f[ts], yl, lg[s][ts], masks, sp.top_k, sp.router, sp.groups, bias)
                 self._add("naee_target_sq", yl.pow(2).sum())
-                full = torch.ones(1, self.num_experts, dtype=torch.bool, device=dev)
-                idx, w = route_topk(ll, full, sp.top_k, sp.router, sp.groups, bias)
-                self._add("naee_full_sq", sq_errors(fl, yl, idx, w).sum())
-                step = max(1, PAIR_ELEMENTS // (fl.shape[0] * max(sp.top_k * fl.shape[2], width)))
-                for c0 in range(0, masks.shape[0], step):
-                    idx, w = route_topk(ll, masks[c0:c0 + step], sp.top_k, sp.router, sp.groups, bias)
-                    sq[c0:c0 + step] += sq_errors(fl, yl, idx, w).sum(-1)
+                self._add("naee_full_sq", full.sum())
+                sq += err.sum(-1)
         self._open_sq += sq.cpu()
 
     def result(self) -> dict[str, torch.Tensor]:
