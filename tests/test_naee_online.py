@@ -164,3 +164,27 @@ def test_calibrate_online_mode_says_why_not(tiny_cache, data):
     with pytest.raises(ValueError, match="recon_mode=online cannot be used: .*above max_combinations=10"):
         calibrate(model, tok, _cfg(data, recon_mode="online"), NAEE.needs, method=NAEE(max_combinations=10),
                   target=TARGET, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gram_rewriting_equals_the_direct_sum(dtype, tiny_cache):
+    """The shared maths (per-token Gram matrix) against the direct ``sum_b ||Y_b - sum_e w_e f_e||_F`` from the
+    dense routed weights, for every keep set. Tolerance 1e-10 relative: the rewriting adds float64 terms of
+    the size of ||Y_t - Y'_t||^2 and of ||f||^2 (H = 64 products each), a few 2^-52 relative each."""
+    from moeprune.methods.naee import batch_index, route
+    from moeprune.methods.target import layer_meta
+
+    model, batches = tiny_cache("olmoe", dtype), _batches()
+    st = observe(model, batches, features=("routed", "reconstruction"), progress=False)
+    li = st.moe_layers[0]
+    lg, out, y = (st.get(li, n).double() for n in ("recon_logits", "recon_expert_out", "recon_target"))
+    bid, nb = batch_index(st, li)
+    router = layer_meta(st, "router", li)
+    got = _cache_losses(st, li)
+    for c, keep in enumerate(keep_sets(8, 4, None, 2)):
+        mask = torch.zeros(8, dtype=torch.bool)
+        mask[list(keep)] = True
+        w = route(lg, mask, 2, router)  # [T, E] dense
+        sq = torch.zeros(nb, dtype=torch.float64).index_add_(0, bid, (y - torch.einsum("te,teh->th", w, out))
+                                                               .pow(2).sum(-1))
+        assert float(got[c]) == pytest.approx(float(sq.sqrt().sum()), rel=1e-10)
