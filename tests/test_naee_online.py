@@ -188,3 +188,20 @@ def test_gram_rewriting_equals_the_direct_sum(dtype, tiny_cache):
         sq = torch.zeros(nb, dtype=torch.float64).index_add_(0, bid, (y - torch.einsum("te,teh->th", w, out))
                                                                .pow(2).sum(-1))
         assert float(got[c]) == pytest.approx(float(sq.sqrt().sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "longcat_flash", "llama4_text", "qwen2_moe", "gemma4_text"])
+def test_online_equals_cache_for_special_routers(arch, tiny_cache):
+    """Sigmoid + groups + selection bias (deepseek_v3), identity experts (longcat_flash), gate on the input
+    (llama4_text), no renormalisation (qwen2_moe), probability routers (gemma4_text): the general routing path, the same on both sides."""
+    model, batches = tiny_cache(arch), _batches(n=2)
+    target = Target(expert_sparsity=0.25)
+    spec = NAEE(progress=False).online_spec(skeleton_stats(model, build_banks(model)), target)
+    online = observe(model, batches, features=("routed", "naee_online"), naee=spec, progress=False)
+    cache = observe(model, batches, features=("routed", "reconstruction"), progress=False)
+    p_on, p_ca = NAEE(progress=False).plan(online, target), NAEE(progress=False).plan(cache, target)
+    assert p_on.keep() == p_ca.keep()
+    for li in online.moe_layers:
+        assert p_on.meta["recon_loss"][str(li)] == pytest.approx(p_ca.meta["recon_loss"][str(li)], rel=1e-12)
+        assert p_on.meta["recon_fidelity"][str(li)] == pytest.approx(p_ca.meta["recon_fidelity"][str(li)],
+                                                                     rel=1e-9, abs=1e-12)

@@ -10,6 +10,11 @@ norm over all cached tokens (moeprune's former loss; same argmin only with one b
 token by default (the reference's choice); a token subsample (``recon_tokens``, or the ``recon_max_gb``
 memory bound) is recorded in ``stats.meta["recon"]`` and copied into ``plan.meta["recon_cache"]``.
 
+Online (the default of ``run`` / ``oneshot``, ``calibration.recon_mode``): ``online_spec`` fixes the keep
+sets before calibration and observe accumulates each one's loss over every token (feature ``naee_online``,
+no cache, ``observe/accumulators_naee.py``); ``plan`` then reads those totals. Both paths use the maths of
+``observe/recon_math.py``; ``plan.meta["recon_path"]`` says which one ran.
+
 Routing simulation (``stats.meta["router"][l]`` and ``["n_group"][l]``), equal to pruning the router rows:
 ``softmax`` routers take the softmax over the kept logits (dropped = -inf), ``sigmoid`` routers keep the
 kept experts' sigmoids, ``probs`` routers (already softmax probabilities) are renormalised over the kept

@@ -114,7 +114,9 @@ class ExpertStats:
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
     data (source, hash, seq_len, seed), recon (with ``reconstruction``: the NAEE cache decision
     ``observe/recon_cache.py::ReconCachePlan`` - tokens_per_batch (None = all), max_gb, estimate_gb, cached_gb,
-    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound"))."""
+    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound")), naee_online {layer: {keep,
+    candidates}} (with ``naee_online``), and from ``calibrate``: recon_path (path "online" / "cache", mode,
+    reason) when NAEE's reconstruction was requested, memory_estimate {group: bytes} (``observe/memory.py``)."""
 
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
