@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, **kw):
-    return CalibrationConfig(dataset=data, num_samples=4, seq_len=16, batch_size=2, **kw)
+    return CalibrationConfig(**{"dataset": data, "num_samples": 4, "seq_len": 16, "batch_size": 2, **kw})
 
 
 class _Forwards:
@@ -95,3 +95,25 @@ def test_caps_in_recipe_and_cli():
         CalibrationConfig(cluster_max_gb=0)
     with pytest.raises(SystemExit):
         p.parse_args(["observe", "--model", "tiny:mixtral", "--out", "x", "--transitions-max-gb", "-1"])
+
+
+def test_cluster_float16_rows_give_cprune_the_same_plan(data, tiny_cache):
+    """float16 storage = the reference's fp16 cast of the same values: C-Prune's default plan is identical,
+    a quarter of the memory; precision='float64' refuses the float16 rows."""
+    from moeprune.methods.cprune import CPrune
+    from moeprune.methods.target import Target
+
+    model, tok = tiny_cache("qwen3_moe"), byte_tokenizer()
+    cfg = dict(num_samples=8, batch_size=2)
+    full = calibrate(model, tok, _cfg(data, **cfg), ("cluster",), progress=False)
+    half = calibrate(model, tok, _cfg(data, cluster_dtype="float16", **cfg), ("cluster",), progress=False)
+    for li in full.moe_layers:  # bitwise the method's own fp16 cast of the float64 rows
+        assert torch.equal(half.get(li, "sentence_out"), full.get(li, "sentence_out").half())
+    assert half.meta["memory_estimate"]["cluster"] * 4 == full.meta["memory_estimate"]["cluster"]
+    assert half.meta["memory_estimate"]["cluster"] == sum(d["sentence_out"].numel() * 2 for d in half.layers.values())
+    target = Target(expert_sparsity=0.25, allocation="method")
+    method = CPrune(batch_size=4, layer_clusters=3, global_clusters=2)
+    with pytest.warns(UserWarning, match="the code's counting"):  # int() counts: 13 of 16 kept, as the code
+        assert method.plan(half, target).keep() == method.plan(full, target).keep()
+    with pytest.raises(ValueError, match="precision='float64' needs float64 sentence_out.*cluster_dtype"):
+        CPrune(precision="float64").plan(half, target)

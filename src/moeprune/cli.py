@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("transitions_max_gb", "routed ids a layer-wise pass holds for transitions")):
         s.add_argument("--" + opt.replace("_", "-"), type=_gb_or_none, default=_default("calibration", opt),
                        help=f"bound in GB on the {what}, checked before calibration ('none': no bound)")
+    s.add_argument("--cluster-dtype", choices=["float64", "float16"], default=_default("calibration", "cluster_dtype"),
+                   help="storage of C-Prune's rows (float16: a quarter of the memory, cprune's default precision)")
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_observe)

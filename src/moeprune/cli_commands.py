@@ -57,7 +57,7 @@ def cmd_observe(a) -> None:
                             text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise,
                             recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb, paths_max_gb=a.paths_max_gb,
                             cluster_max_gb=a.cluster_max_gb, partials_max_gb=a.partials_max_gb,
-                            transitions_max_gb=a.transitions_max_gb)
+                            transitions_max_gb=a.transitions_max_gb, cluster_dtype=a.cluster_dtype)
     check_model_args(a)
     if a.method:
         from moeprune.methods.registry import get_method

@@ -58,6 +58,9 @@ class CalibrationConfig(_Strict):
         "without a token cache (needs the method and target: `run` / `oneshot`); 'cache' keeps the token cache "
         "(any target later; bounded by recon_max_gb); 'auto' = online when the method is naee and its "
         "enumeration is feasible, else the cache")
+    cluster_dtype: Literal["float64", "float16"] = Field(
+        "float64", description="storage of C-Prune's sentence_out rows: float16 = a quarter of the memory and "
+        "exactly what cprune's default precision='float16' reads (precision='float64' refuses it)")
     paths_max_gb: float | None = Field(4.0, description="bound (GB) on Pathfinder's per-sample rows "
                                        "(8 N (3E+2) bytes per MoE layer), checked before calibration; null = none")
     cluster_max_gb: float | None = Field(8.0, description="bound (GB) on C-Prune's per-sample expert outputs "

@@ -103,9 +103,10 @@ def calibrate(model, tokenizer, cfg: CalibrationConfig, features: tuple[str, ...
     banks = build_banks(model)
     features, naee, path = naee_path(model, banks, cfg, tuple(features), method, target)
     estimates = estimate_bytes(banks, [as_batch(b) for b in batches], normalize_features(features),
-                               layerwise=cfg.layerwise)
+                               layerwise=cfg.layerwise, cluster_dtype=cfg.cluster_dtype)
     check_memory(estimates, cfg.memory_caps())
-    recon = {"recon_tokens": cfg.recon_tokens, "recon_max_gb": cfg.recon_max_gb, "naee": naee}
+    recon = {"recon_tokens": cfg.recon_tokens, "recon_max_gb": cfg.recon_max_gb, "naee": naee,
+             "cluster_dtype": cfg.cluster_dtype}
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -88,7 +88,7 @@ def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: I
                         recon_tokens: int | None = None, recon_max_gb: float | None = DEFAULT_MAX_GB,
                         implementation: str = "auto",
                         data: Mapping[str, Any] | None = None,
-                        naee: Mapping[int, Any] | None = None) -> ExpertStats | None:
+                        naee: Mapping[int, Any] | None = None, cluster_dtype: str = "float64") -> ExpertStats | None:
     """Every rank calls this with the SAME ``batches`` (e.g. the same seeded ``load_calibration``) and an
     identical model; each observes its shard (whole batches: ``naee_online``'s per-batch norms need it).
     Returns the merged ``ExpertStats`` on rank ``dst``, None on
@@ -105,5 +105,5 @@ def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: I
     lo, hi = shard_bounds(len(batches), rank, world)
     local = observe(model, batches[lo:hi], features=features, progress=(rank == dst) if progress is None else progress,
                     seed=seed, implementation=implementation, data=data, batch_offset=lo, recon=recon,
-                    naee=naee)
+                    naee=naee, cluster_dtype=cluster_dtype)
     return reduce_stats(local, dst=dst, group=group)

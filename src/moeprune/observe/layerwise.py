@@ -214,7 +214,7 @@ def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers:
     cfg = getattr(model, "config", None)
     naee = {str(li): sp.meta() for li, sp in obs.naee.items()} if obs.naee is not None else None
     blob = json.dumps({"features": obs.features, "seed": obs.seed, "recon": obs.recon_tokens, "layers": n_layers,
-                       "naee": naee,
+                       "naee": naee, "cluster_dtype": obs.cluster_dtype,
                        "data": batches_hash(batches), "n": len(batches),
                        "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else type(model).__name__},
                       sort_keys=True)
@@ -226,7 +226,7 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
                       seed: int = 0, recon_tokens: int | None = None,
                       recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
                       data: Mapping[str, Any] | None = None,
-                      naee: Mapping[int, Any] | None = None) -> ExpertStats:
+                      naee: Mapping[int, Any] | None = None, cluster_dtype: str = "float64") -> ExpertStats:
     """Same statistics as ``observe`` computed one decoder layer at a time (see the module docstring).
 
     ``checkpoint_dir``: activations on disk + per-layer commits (resumable); without it activations are
@@ -234,7 +234,7 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
     ``recon_max_gb``: the NAEE cache, as in ``observe``."""
     batches = [as_batch(b) for b in batches]
     obs, _ = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
-                            recon_max_gb=recon_max_gb, naee=naee)
+                            recon_max_gb=recon_max_gb, naee=naee, cluster_dtype=cluster_dtype)
     _, layers = decoder_layers(model, [b.name for b in obs.banks.values()])
     device = input_device(model)
     ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, batches, obs, len(layers))) if checkpoint_dir else None

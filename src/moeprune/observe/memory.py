@@ -8,7 +8,7 @@ totals, ``naee_online``: O(candidates)) need no cap. Groups that grow with the d
 | group | grows with | cap |
 |---|---|---|
 | ``paths`` (Pathfinder) | samples N: ``8 N (3 E + 2)`` bytes per MoE layer | ``paths_max_gb`` |
-| ``cluster`` (C-Prune) | samples N: ``8 N E H`` bytes per MoE layer | ``cluster_max_gb`` |
+| ``cluster`` (C-Prune) | samples N: ``8 N E H`` bytes per MoE layer (2 with ``cluster_dtype: float16``) | ``cluster_max_gb`` |
 | per-batch partials (``routed``, ``direction``) | batches B: ``8 B (#[E] sums x E + #scalars + 1)`` per layer | ``partials_max_gb`` |
 | ``transitions``, layer-wise pass only | tokens T: one layer's routed ids ``4 T k`` held until the next layer | ``transitions_max_gb`` |
 | ``reconstruction`` (NAEE cache) | tokens: see ``recon_cache.py`` (a subsample above ``recon_max_gb``) | ``recon_max_gb`` |
@@ -27,7 +27,9 @@ GB = 1e9
 # group -> (calibration option, what reduces the estimate)
 CAPS: dict[str, tuple[str, str]] = {
     "paths": ("paths_max_gb", "fewer calibration samples (calibration.num_samples / --num-samples)"),
-    "cluster": ("cluster_max_gb", "fewer calibration samples (calibration.num_samples / --num-samples)"),
+    "cluster": ("cluster_max_gb", ("fewer calibration samples (calibration.num_samples / --num-samples), or "
+                                  "float16 rows for C-Prune's default precision (calibration.cluster_dtype: "
+                                  "float16 / --cluster-dtype float16)")),
     "partials": ("partials_max_gb", "fewer, larger batches (calibration.batch_size / --batch-size)"),
     "transitions": ("transitions_max_gb", ("fewer tokens (num_samples, seq_len) or the full-model pass "
                                            "(calibration.layerwise: false)")),
@@ -54,7 +56,7 @@ def _numel(shapes: Mapping[str, tuple[int, ...]]) -> int:
 
 
 def estimate_bytes(banks: Mapping[int, Any], batches: Sequence[Mapping[str, Any]], features: Sequence[str], *,
-                   layerwise: bool = False, partials: bool = True) -> dict[str, int]:
+                   layerwise: bool = False, partials: bool = True, cluster_dtype: str = "float64") -> dict[str, int]:
     """Bytes of the growing state of each requested capped group, over every MoE layer (the accumulators'
     own shapes: one definition)."""
     from moeprune.observe.accumulators import DirectionAccumulator, RoutedAccumulator
@@ -72,7 +74,8 @@ def estimate_bytes(banks: Mapping[int, Any], batches: Sequence[Mapping[str, Any]
     if "paths" in features:
         out["paths"] = 8 * ns * sum(_numel(PathsAccumulator(b.num_experts).shapes) for b in banks.values())
     if "cluster" in features:
-        out["cluster"] = 8 * ns * sum(b.num_experts * b.hidden_size for b in banks.values())
+        nb_el = 2 if cluster_dtype == "float16" else 8
+        out["cluster"] = nb_el * ns * sum(b.num_experts * b.hidden_size for b in banks.values())
     if "transitions" in features and layerwise:
         out["transitions"] = 4 * nt * max((b.top_k or 1) for b in banks.values())
     return out

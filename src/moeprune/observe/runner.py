@@ -52,8 +52,10 @@ class Observer:
 
     def __init__(self, banks: dict[int, ExpertBank], features: Iterable[str] | str = ("routed",), *,
                  seed: int = 0, recon_tokens: int | None = None, recon: ReconCachePlan | None = None,
-                 partials: bool = True, naee: Mapping[int, NaeeLayerSpec] | None = None):
+                 partials: bool = True, naee: Mapping[int, NaeeLayerSpec] | None = None,
+                 cluster_dtype: str = "float64"):
         self.banks, self.features = banks, normalize_features(features)
+        self.cluster_dtype = cluster_dtype  # storage of the cluster rows (accumulators_dense.CLUSTER_DTYPES)
         if ("naee_online" in self.features) != (naee is not None):
             raise ValueError("the naee_online feature and its candidates (naee={layer: NaeeLayerSpec}, from "
                              "NAEE.online_spec) go together; pass both or neither")
@@ -96,7 +98,7 @@ class Observer:
         if "paths" in self.features:
             acc["paths"] = PathsAccumulator(e)
         if "cluster" in self.features:
-            acc["cluster"] = ClusterAccumulator(e, h)
+            acc["cluster"] = ClusterAccumulator(e, h, self.cluster_dtype)
         if "reconstruction" in self.features:
             acc["reconstruction"] = ReconstructionAccumulator(e, bank.router_width, h, self.recon_tokens, self.seed)
         if self.naee is not None:
@@ -248,7 +250,7 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
 def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[str] | str, *, seed: int,
                    recon_tokens: int | None, recon_max_gb: float | None, recon: ReconCachePlan | None = None,
                    partials: bool = True, naee: Mapping[int, NaeeLayerSpec] | None = None,
-                   ) -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
+                   cluster_dtype: str = "float64") -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
     """The Observer, with the ``reconstruction`` cache decided from ALL ``batches`` before calibration
     (``recon`` given: a decision already made on the full data, e.g. by ``observe_distributed``)."""
     check_recon_options(recon_tokens, recon_max_gb)
@@ -256,7 +258,8 @@ def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[
     if "reconstruction" in feats and recon is None:
         batches = [as_batch(b) for b in batches]
         recon = plan_recon_cache(banks, batches, tokens_per_batch=recon_tokens, max_gb=recon_max_gb)
-    obs = Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon, partials=partials, naee=naee)
+    obs = Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon, partials=partials, naee=naee,
+                   cluster_dtype=cluster_dtype)
     return obs, batches
 
 
@@ -265,7 +268,7 @@ def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str]
             recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
             data: Mapping[str, Any] | None = None, batch_offset: int = 0,
             recon: ReconCachePlan | None = None, partials: bool = True,
-            naee: Mapping[int, NaeeLayerSpec] | None = None) -> ExpertStats:
+            naee: Mapping[int, NaeeLayerSpec] | None = None, cluster_dtype: str = "float64") -> ExpertStats:
     """One calibration pass over ``batches`` collecting ``features`` (see ``observe/stats.py::SCHEMA``).
 
     ``batches``: LongTensors ``[B, S]`` or dicts with ``input_ids`` (+ ``attention_mask``; 0 = padding,
@@ -276,9 +279,11 @@ def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str]
     shards). ``partials`` keeps each batch's own ``routed`` / ``direction`` sums next to the totals
     (``observe/partials.py``: ``8 B (16 E + 1)`` bytes per layer for ``routed``), for ``moeprune stability``.
     ``naee``: with the ``naee_online`` feature, the candidate keep sets scored per layer during the pass
-    (``observe/accumulators_naee.py``; from ``NAEE.online_spec``)."""
+    (``observe/accumulators_naee.py``; from ``NAEE.online_spec``). ``cluster_dtype="float16"`` stores C-Prune's
+    rows in float16 (``ClusterAccumulator``)."""
     obs, batches = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
-                                  recon_max_gb=recon_max_gb, recon=recon, partials=partials, naee=naee)
+                                  recon_max_gb=recon_max_gb, recon=recon, partials=partials, naee=naee,
+                                  cluster_dtype=cluster_dtype)
     run_batches(model, batches, obs, progress=progress, implementation=implementation, batch_offset=batch_offset)
     return obs.result(model, data)
 
