@@ -152,7 +152,9 @@ def test_calibrate_scores_online_with_method_and_target(tiny_cache, data):
     cache = calibrate(model, tok, _cfg(data, recon_mode="cache"), NAEE.needs, method=NAEE(progress=False),
                       target=TARGET, progress=False)
     assert cache.meta["recon_path"] == {"path": "cache", "mode": "cache", "reason": "calibration.recon_mode=cache"}
-    assert NAEE(progress=False).plan(st, TARGET).keep() == NAEE(progress=False).plan(cache, TARGET).keep()
+    p_on, p_ca = NAEE(progress=False).plan(st, TARGET), NAEE(progress=False).plan(cache, TARGET)
+    assert p_on.keep() == p_ca.keep() and (p_on.meta["recon_path"], p_ca.meta["recon_path"]) == ("online", "cache")
+    assert p_on.meta["recon_mode"] == st.meta["recon_path"] and p_ca.meta["recon_mode"]["mode"] == "cache"
     observed = calibrate(model, tok, _cfg(data), NAEE.needs, progress=False)  # moeprune observe: no target
     assert observed.meta["recon_path"]["path"] == "cache"
 

@@ -240,7 +240,8 @@ class NAEE(MethodConfig):
             scores[li] = -torch.where(torch.isfinite(seen), seen, fin.max() if fin.numel() else 0.0)
         meta = {"allocation": "uniform", "recon_loss": losses, "recon_fidelity": fidelity,
                 "recon_cache": stats.meta.get("recon"),  # tokens cached, memory bound, estimate (None: unknown)
-                "recon_path": stats.meta.get("recon_path") or ("online" if "naee_online" in stats.meta else "cache")}
+                "recon_path": "online" if "naee_online" in stats.meta else "cache",
+                "recon_mode": stats.meta.get("recon_path")}  # calibrate's choice and why (None: observed directly)
         if (stats.meta.get("recon") or {}).get("subsampled"):
             logger.warning("naee: statistics cache a token subsample (%s), not every token as the reference",
                            stats.meta["recon"])
