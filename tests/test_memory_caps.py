@@ -104,7 +104,7 @@ def test_cluster_float16_rows_give_cprune_the_same_plan(data, tiny_cache):
     from moeprune.methods.target import Target
 
     model, tok = tiny_cache("qwen3_moe"), byte_tokenizer()
-    cfg = dict(num_samples=8, batch_size=2)
+    cfg = {"num_samples": 8, "batch_size": 2}
     full = calibrate(model, tok, _cfg(data, **cfg), ("cluster",), progress=False)
     half = calibrate(model, tok, _cfg(data, cluster_dtype="float16", **cfg), ("cluster",), progress=False)
     for li in full.moe_layers:  # bitwise the method's own fp16 cast of the float64 rows
