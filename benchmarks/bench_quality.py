@@ -76,6 +76,21 @@ def calibration(splits: dict[str, dict[str, str]], tok, per_domain: int, seq_len
             for i in range(0, len(ids), batch_size)]
 
 
+def naee_online_stats(model, splits, tok, a, method, target) -> ExpertStats:
+    """NAEE's candidate losses over every calibration token for ``target`` (feature ``naee_online``)."""
+    from moeprune.observe.calibration import skeleton_stats
+    from moeprune.observe.experts import build_banks
+
+    t = time.time()
+    spec = method.online_spec(skeleton_stats(model, build_banks(model)), target)
+    batches = calibration(splits, tok, a.per_domain, a.seq_len)
+    st = observe(model, batches, features=("routed", "naee_online"), naee=spec, progress=False)
+    n = sum(int(s.candidates.shape[0]) for s in spec.values())
+    print(f"naee online: {n} candidates over {len(batches)} batches, {st.meta['num_tokens']} tokens: "
+          f"{time.time() - t:.0f}s ({(time.time() - t) / len(batches):.1f}s per batch)")
+    return st
+
+
 def macro_ppl(model, tok, splits, test_tokens: int) -> dict[str, float]:
     ppl = {d: domain_perplexity(model, tok, splits[d]["test"], max_tokens=test_tokens) for d in sorted(splits)}
     ppl["macro"] = statistics.geometric_mean([ppl[d] for d in sorted(splits)])  # as the toy recipe reports
@@ -93,6 +108,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=None, help="subset of method labels")
     p.add_argument("--append", action="store_true", help="add these rows to an existing results file "
                    "(rows of the same method and sparsity are replaced; random/unpruned rows are kept)")
+    p.add_argument("--naee-path", choices=["online", "cache"], default="online",
+                   help="NAEE: score every keep set on every token during observe (one pass per sparsity; the "
+                   "default of run / oneshot) or on the token cache of the shared pass (--recon-tokens)")
     p.add_argument("--recon-tokens", type=int, default=64,
                    help="NAEE cache: tokens per calibration batch (None = all; enumerating C(16,8) keep sets over "
                    "every token of the calibration set takes hours on 2 CPU cores)")
@@ -108,7 +126,9 @@ def main() -> None:
     stats_dir = a.out + "-stats"
     t0 = time.time()
     methods = [m for m in METHODS if a.methods is None or m[0] in a.methods]
-    needs = sorted({g for _, name, _, _ in methods for g in get_method(name).needs})
+    online = a.naee_path == "online"
+    needs = sorted({g for _, name, _, _ in methods for g in get_method(name).needs
+                    if not (online and name == "naee" and g == "reconstruction")})
     if os.path.isfile(os.path.join(stats_dir, "stats.json")) and \
             set(needs) <= set(ExpertStats.load(stats_dir).meta.get("features", [])):
         stats = ExpertStats.load(stats_dir)  # same calibration data and seed: reuse the saved pass
@@ -126,7 +146,10 @@ def main() -> None:
             target = (Target(param_ratio=1.0 - s) if kind == "params" else
                       Target(expert_sparsity=s, allocation="method" if kind == "method" else "uniform"))
             try:
-                plan = get_method(name, **opts).plan(stats, target)
+                st = stats
+                if online and name == "naee":  # scored during observe, every token (run / oneshot's default)
+                    st = naee_online_stats(model, splits, tok, a, get_method(name, **opts), target)
+                plan = get_method(name, **opts).plan(st, target)
             except (ValueError, NotImplementedError) as e:
                 print(f"{label:20s} s={s:.2f}  skipped: {e}")
                 rows.append({"method": label, "sparsity": s, "error": str(e)})

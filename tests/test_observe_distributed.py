@@ -93,3 +93,49 @@ def test_shards_are_contiguous_and_cover_everything():
     assert [shard_bounds(1, r, 3) for r in range(3)] == [(0, 1), (1, 1), (1, 1)]
     with pytest.raises(RuntimeError, match="init_process_group"):
         observe_distributed(torch.nn.Linear(2, 2), [])
+
+
+def _naee_spec(model):
+    from moeprune.methods.naee import NAEE
+    from moeprune.methods.target import Target
+    from moeprune.observe.calibration import skeleton_stats
+    from moeprune.observe.experts import build_banks
+
+    return NAEE(progress=False).online_spec(skeleton_stats(model, build_banks(model)), Target(expert_sparsity=0.5))
+
+
+def _worker_naee(rank: int, port: int, out: str) -> None:
+    import transformers
+
+    from moeprune.arch.tiny import tiny_model
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = tiny_model("qwen3_moe")
+        stats = observe_distributed(model, _batches(), features=("routed", "naee_online"), naee=_naee_spec(model),
+                                    progress=False)
+        if rank == 0:
+            stats.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_naee_online_merges_across_ranks(tiny_cache, tmp_path):
+    """Ranks hold whole batches, so the sum of per-batch norms adds up across ranks."""
+    mp.spawn(_worker_naee, args=(_free_port(), str(tmp_path / "dist")), nprocs=2, join=True)
+    merged = ExpertStats.load(tmp_path / "dist")
+    model = tiny_cache("qwen3_moe")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = observe(model, _batches(), features=("routed", "naee_online"), naee=_naee_spec(model),
+                         progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert merged.meta["naee_online"] == single.meta["naee_online"]
+    for li in single.moe_layers:
+        assert float(merged[li]["naee_batches"]) == 3
+        for name in ("naee_loss", "naee_sq", "naee_full_sq", "naee_target_sq"):
+            # float64 sums of the same per-batch values, re-associated across ranks
+            torch.testing.assert_close(merged[li][name], single[li][name], rtol=1e-12, atol=1e-12, msg=name)

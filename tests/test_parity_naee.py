@@ -21,6 +21,7 @@ from moeprune.cli import build_parser
 from moeprune.methods.naee import NAEE, reconstruction_loss_fn
 from moeprune.methods.target import Target
 from moeprune.observe import observe, observe_layerwise
+from moeprune.observe.calibration import skeleton_stats
 from moeprune.observe.experts import build_banks
 from moeprune.observe.recon_cache import DEFAULT_MAX_GB, bytes_per_token, plan_recon_cache
 from moeprune.recipe import CalibrationConfig
@@ -148,6 +149,14 @@ def test_naee_matches_reference_oracle(arch, dtype, tiny_cache):
     for li in layers:
         size = sum(float(torch.linalg.norm(z.double())) for _, z in cache[li])
         decisive += check_layer(li, ref[li], cache, stats, plan, TOL[dtype] * size)
+    # the default of run / oneshot: the same losses scored online during observe (no token cache)
+    spec = NAEE(progress=False).online_spec(skeleton_stats(model, build_banks(model)), Target(expert_sparsity=0.5))
+    online = observe(model, batches, features=("routed", "naee_online"), naee=spec, progress=False)
+    assert NAEE(progress=False).plan(online, Target(expert_sparsity=0.5)).keep() == plan.keep()
+    for li in layers:
+        size = sum(float(torch.linalg.norm(z.double())) for _, z in cache[li])
+        want = torch.tensor(list(ref[li].values()), dtype=torch.float64)  # combinations order = keep_sets order
+        assert float((online.get(li, "naee_loss") - want).abs().max()) <= TOL[dtype] * size
     if dtype == torch.float32:  # the comparison decides the keep set in (nearly) every layer
         assert decisive >= len(layers) - 1
     else:  # first layer measured on these batches: 0.33e-3 S (mixtral) / 0.47e-3 S (olmoe) loss differences,

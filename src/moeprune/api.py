@@ -244,10 +244,9 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
     m, tok = _load(model, r, tokenizer)
     try:
         target = r.target.build()
-        seq = {"method": method, "target": target} if r.calibration.sequential else {}
-        stats = calibrate(m, tok, r.calibration, tuple(method.needs), progress=progress,
-                          stats_dir=os.path.join(out, "stats") if out else None, **seq)
-        plan = sequential_plan(stats) if seq else method.plan(stats, target)
+        stats = calibrate(m, tok, r.calibration, tuple(method.needs), method=method, target=target,
+                          progress=progress, stats_dir=os.path.join(out, "stats") if out else None)
+        plan = sequential_plan(stats) if r.calibration.sequential else method.plan(stats, target)
         warn_if_transformers_only(plan)  # non-uniform / ragged: say where the result will (not) load
         if out:
             plan.save(os.path.join(out, "plan.json"))

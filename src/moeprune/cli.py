@@ -45,7 +45,7 @@ def _default(section: str, field: str):
 
 
 def _gb_or_none(v: str) -> float | None:
-    """``--recon-max-gb``: a number > 0, or none."""
+    """``--recon-max-gb`` and the other ``--*-max-gb`` caps: a number > 0, or none."""
     if v.lower() in ("none", "null"):
         return None
     try:
@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a warning ('none': no bound)")
     s.add_argument("--recon-tokens", type=_int_or_none, default=_default("calibration", "recon_tokens"),
                    help="reconstruction (NAEE): cache this many tokens per batch (default: every token)")
+    for opt, what in (("paths_max_gb", "paths (Pathfinder) per-sample rows"),
+                      ("cluster_max_gb", "cluster (C-Prune) per-sample expert outputs"),
+                      ("partials_max_gb", "per-batch partials of routed / direction"),
+                      ("transitions_max_gb", "routed ids a layer-wise pass holds for transitions")):
+        s.add_argument("--" + opt.replace("_", "-"), type=_gb_or_none, default=_default("calibration", opt),
+                       help=f"bound in GB on the {what}, checked before calibration ('none': no bound)")
+    s.add_argument("--cluster-dtype", choices=["float64", "float16"], default=_default("calibration", "cluster_dtype"),
+                   help="storage of C-Prune's rows (float16: a quarter of the memory, cprune's default precision)")
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_observe)

@@ -55,7 +55,10 @@ def cmd_observe(a) -> None:
 
     cfg = CalibrationConfig(dataset=a.data, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
                             text_column=a.text_column, select=a.select, seed=a.seed, layerwise=a.layerwise,
-                            sequential=a.sequential, recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb)
+                            sequential=a.sequential, recon_tokens=a.recon_tokens, recon_max_gb=a.recon_max_gb,
+                            paths_max_gb=a.paths_max_gb, cluster_max_gb=a.cluster_max_gb,
+                            partials_max_gb=a.partials_max_gb, transitions_max_gb=a.transitions_max_gb,
+                            cluster_dtype=a.cluster_dtype)
     check_model_args(a)
     seq = _sequential_args(a)
     if a.method:

@@ -56,6 +56,39 @@ class CalibrationConfig(_Strict):
                                        "DEFAULT_MAX_GB): above it a seeded per-batch subsample, with a warning; "
                                        "null = no bound")
 
+    recon_mode: Literal["auto", "online", "cache"] = Field(
+        "auto", description="NAEE: 'online' scores every candidate keep set during observe on every token, "
+        "without a token cache (needs the method and target: `run` / `oneshot`); 'cache' keeps the token cache "
+        "(any target later; bounded by recon_max_gb); 'auto' = online when the method is naee and its "
+        "enumeration is feasible, else the cache")
+    cluster_dtype: Literal["float64", "float16"] = Field(
+        "float64", description="storage of C-Prune's sentence_out rows: float16 = a quarter of the memory and "
+        "exactly what cprune's default precision='float16' reads (precision='float64' refuses it)")
+    paths_max_gb: float | None = Field(4.0, description="bound (GB) on Pathfinder's per-sample rows "
+                                       "(8 N (3E+2) bytes per MoE layer), checked before calibration; null = none")
+    cluster_max_gb: float | None = Field(8.0, description="bound (GB) on C-Prune's per-sample expert outputs "
+                                         "(8 N E H bytes per MoE layer), checked before calibration; null = none")
+    partials_max_gb: float | None = Field(2.0, description="bound (GB) on the per-batch partials of routed / "
+                                          "direction (grow with the batches), checked before calibration; "
+                                          "null = none")
+    transitions_max_gb: float | None = Field(4.0, description="bound (GB) on the routed ids a layer-wise pass "
+                                             "holds for transitions (4 T k bytes), checked before calibration; "
+                                             "null = none")
+
+    @field_validator("paths_max_gb", "cluster_max_gb", "partials_max_gb", "transitions_max_gb", mode="before")
+    @classmethod
+    def _caps(cls, v, info):
+        from moeprune.observe.memory import check_cap_value
+
+        check_cap_value(info.field_name, v)
+        return v
+
+    def memory_caps(self) -> dict[str, float | None]:
+        """Feature group -> cap in GB (``observe/memory.py::CAPS`` names the options)."""
+        from moeprune.observe.memory import CAPS
+
+        return {group: getattr(self, opt) for group, (opt, _) in CAPS.items()}
+
     @field_validator("recon_tokens", "recon_max_gb", mode="before")
     @classmethod
     def _recon(cls, v, info):

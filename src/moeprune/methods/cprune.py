@@ -235,6 +235,10 @@ class CPrune(MethodConfig):
     def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
         budget = target.resolve(stats)
         layers, ne = list(budget.layers), budget.num_experts
+        if self.precision == "float64" and any(stats.get(li, "sentence_out").dtype == torch.float16 for li in layers):
+            raise ValueError("cprune precision='float64' needs float64 sentence_out; these statistics store float16 "
+                             "rows (calibration.cluster_dtype: float16): calibrate with cluster_dtype float64, or "
+                             "use precision='float16' (the reference's)")
         feats = {li: stats.get(li, "sentence_out").double() for li in layers}  # [N, E, H]
         n_samples = {f.shape[0] for f in feats.values()}
         if len(n_samples) != 1:

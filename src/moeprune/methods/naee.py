@@ -10,6 +10,11 @@ norm over all cached tokens (moeprune's former loss; same argmin only with one b
 token by default (the reference's choice); a token subsample (``recon_tokens``, or the ``recon_max_gb``
 memory bound) is recorded in ``stats.meta["recon"]`` and copied into ``plan.meta["recon_cache"]``.
 
+Online (the default of ``run`` / ``oneshot``, ``calibration.recon_mode``): ``online_spec`` fixes the keep
+sets before calibration and observe accumulates each one's loss over every token (feature ``naee_online``,
+no cache, ``observe/accumulators_naee.py``); ``plan`` then reads those totals. Both paths use the maths of
+``observe/recon_math.py``; ``plan.meta["recon_path"]`` says which one ran.
+
 Routing simulation (``stats.meta["router"][l]`` and ``["n_group"][l]``), equal to pruning the router rows:
 ``softmax`` routers take the softmax over the kept logits (dropped = -inf), ``sigmoid`` routers keep the
 kept experts' sigmoids, ``probs`` routers (already softmax probabilities) are renormalised over the kept
@@ -39,6 +44,10 @@ from tqdm.auto import tqdm
 from moeprune.methods.allocation import balanced_splits, build_plan, group_layout
 from moeprune.methods.registry import MethodConfig, register_method
 from moeprune.methods.target import layer_meta, layer_top_k
+from moeprune.observe.accumulators_naee import NaeeLayerSpec
+from moeprune.observe.recon_math import TOKEN_SLICE, candidate_sq_errors, extended_outputs, route
+
+__all__ = ["NAEE", "keep_sets", "n_keep_sets", "reconstruction_loss_fn", "route"]
 
 if TYPE_CHECKING:
     from moeprune.methods.target import Target
@@ -48,55 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def route(
-    logits: torch.Tensor,
-    keep: torch.Tensor,
-    top_k: int,
-    router: dict[str, Any],
-    groups: tuple[int, int] | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Dense gate weights ``[T, E_router]`` of routing ``logits [T, E_router]`` with only ``keep`` (bool ``[E]``)
-    on; columns past ``E`` are LongCat's identity experts (never pruned).
-
-    ``bias [E_router]``: selection-only bias (DeepSeek-V3 ``e_score_correction_bias`` and kin), added to the
-    scores to choose the top-k and the groups; the weights are the unbiased scores of the chosen experts."""
-    E = keep.numel()
-    if logits.shape[1] > E:  # extra router columns (zero experts) are never pruned
-        keep = torch.cat([keep, keep.new_ones(logits.shape[1] - E)])
-    kind = router.get("score", "softmax")
-    lg = logits.double()
-    if kind == "probs":
-        lg, kind = lg.clamp_min(1e-300).log(), "softmax"
-    if kind == "softmax":
-        p = torch.softmax(lg.masked_fill(~keep, float("-inf")), dim=-1)  # [T, E_r], 0 on dropped experts
-    elif kind == "sigmoid":
-        p = torch.sigmoid(lg)
-    else:
-        raise ValueError(f"unknown router score {kind!r}; expected softmax, sigmoid or probs")
-    sel = p if bias is None else p + bias.to(p)  # [T, E_r] selection scores
-    sel = sel.masked_fill(~keep, float("-inf"))
-    if groups is not None:
-        ng, tg = groups
-        g = sel[:, :E].reshape(sel.shape[0], ng, E // ng)  # [T, G, E/G]
-        gscore = g.topk(2, dim=-1).values.sum(-1) if kind == "sigmoid" and E // ng >= 2 else g.amax(-1)
-        chosen = torch.zeros_like(gscore, dtype=torch.bool).scatter(
-            1, gscore.topk(min(tg, ng), -1).indices, True
-        )
-        sel[:, :E] = sel[:, :E].masked_fill(~chosen.repeat_interleave(E // ng, dim=1), float("-inf"))
-    idx = sel.topk(top_k, dim=-1).indices  # [T, k]
-    w = p.gather(-1, idx)
-    if router.get("gate_on_input"):
-        w = torch.ones_like(w)
-    else:
-        if router.get("renormalize", True):
-            w = w / (w.sum(-1, keepdim=True) + (1e-20 if kind == "sigmoid" else 0.0))
-        w = w * float(router.get("scale", 1.0))
-    return torch.zeros_like(p).scatter(-1, idx, w)  # [T, E_router]
-
-
 LOSSES = ("batch_sum", "pooled")
-CHUNK_ELEMENTS = 1 << 24  # float64 [n, E, H] chunk of the cached expert outputs (128 MiB)
 
 
 def batch_index(stats: ExpertStats, layer: int) -> tuple[torch.Tensor, int]:
@@ -110,8 +71,10 @@ def batch_index(stats: ExpertStats, layer: int) -> tuple[torch.Tensor, int]:
     return inv, int(uniq.numel())
 
 
-def batch_sq_error_fn(stats: ExpertStats, layer: int):
-    """``keep -> [B]`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch when only ``keep`` is routable."""
+def batch_sq_errors(stats: ExpertStats, layer: int, keeps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(full [B], errors [C, B])`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch with every expert
+    kept and with only each of the C keep sets ``keeps`` routable (``recon_math.candidate_sq_errors``, the
+    maths ``naee_online`` runs during observe)."""
     logits = stats.get(layer, "recon_logits")  # [T, E_router]
     out = stats.get(layer, "recon_expert_out")  # [T, E, H], float32 (float64 models: float64)
     target = stats.get(layer, "recon_target")  # [T, H]
@@ -122,34 +85,37 @@ def batch_sq_error_fn(stats: ExpertStats, layer: int):
     bias = stats.layers[layer].get("selection_bias")  # absent in statistics saved before it existed
     if bias is not None:
         bias = torch.where(torch.isfinite(bias), bias, torch.zeros_like(bias)).double()
-    E, T = out.shape[1], out.shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(1, E * out.shape[2]))
+    E, T, width = out.shape[1], out.shape[0], logits.shape[1]
+    masks = torch.zeros(len(keeps), E, dtype=torch.bool)
+    for c, keep in enumerate(keeps):
+        masks[c, list(keep)] = True
+    full, sq = torch.zeros(nb, dtype=torch.float64), torch.zeros(len(keeps), nb, dtype=torch.float64)
+    for lo in range(0, T, TOKEN_SLICE):  # float64 per slice: the cache stays float32
+        sl = slice(lo, lo + TOKEN_SLICE)
+        f = extended_outputs(out[sl], None if x is None else x[sl], width)  # [t, E_router, H]
+        f_sq, err = candidate_sq_errors(f, target[sl], logits[sl], masks, top_k, router, groups, bias)
+        full.index_add_(0, bid[sl], f_sq)
+        sq.index_add_(1, bid[sl], err)
+    return full, sq
 
-    def sq_err(keep) -> torch.Tensor:
-        mask = torch.zeros(E, dtype=torch.bool)
-        mask[list(keep)] = True
-        w = route(logits, mask, top_k, router, groups, bias)  # [T, E_router] float64
-        sq = torch.zeros(nb, dtype=torch.float64)
-        for lo in range(0, T, step):  # float64 in chunks: the cache stays float32
-            sl = slice(lo, lo + step)
-            approx = torch.einsum("te,teh->th", w[sl, :E], out[sl].double())  # [t, H]
-            if x is not None:  # identity experts add their gate times the block input
-                approx = approx + w[sl, E:].sum(-1, keepdim=True) * x[sl].double()
-            sq.index_add_(0, bid[sl], (target[sl].double() - approx).pow(2).sum(-1))
-        return sq
 
-    return sq_err
+def batch_sq_error_fn(stats: ExpertStats, layer: int):
+    """``keep -> [B]`` float64 ``||Y_b - Y'_b||_F^2`` per calibration batch when only ``keep`` is routable."""
+    return lambda keep: batch_sq_errors(stats, layer, [keep])[1][0]
+
+
+def reduce_loss(sq: torch.Tensor, loss: str = "batch_sum") -> torch.Tensor:
+    """``[..., B]`` per-batch squared errors -> ``[...]`` loss: ``batch_sum`` = ``sum_b ||Y_b - Y'_b||_F``
+    (the reference), ``pooled`` = ``||Y - Y'||_F`` over all tokens."""
+    if loss not in LOSSES:
+        raise ValueError(f"naee loss={loss!r}; choose one of {list(LOSSES)}")
+    return sq.sum(-1).sqrt() if loss == "pooled" else sq.sqrt().sum(-1)
 
 
 def reconstruction_loss_fn(stats: ExpertStats, layer: int, loss: str = "batch_sum"):
-    """``keep -> loss`` on the cached tokens of ``layer`` when only ``keep`` is routable: ``batch_sum`` =
-    ``sum_b ||Y_b - Y'_b||_F`` (the reference), ``pooled`` = ``||Y - Y'||_F`` over all cached tokens."""
-    if loss not in LOSSES:
-        raise ValueError(f"naee loss={loss!r}; choose one of {list(LOSSES)}")
-    sq_err = batch_sq_error_fn(stats, layer)
-    if loss == "pooled":
-        return lambda keep: float(sq_err(keep).sum().sqrt())
-    return lambda keep: float(sq_err(keep).sqrt().sum())
+    """``keep -> loss`` on the cached tokens of ``layer`` when only ``keep`` is routable (``reduce_loss``)."""
+    reduce_loss(torch.zeros(1), loss)  # a bad name fails now
+    return lambda keep: float(reduce_loss(batch_sq_error_fn(stats, layer)(keep), loss))
 
 
 def keep_sets(E: int, r: int, groups: tuple[int, int] | None, top_k: int):
@@ -195,55 +161,87 @@ class NAEE(MethodConfig):
         if int(self.max_combinations) != self.max_combinations or self.max_combinations < 1:
             raise ValueError(f"max_combinations={self.max_combinations} must be a positive integer")
 
-    def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
+    def _layer_sizes(self, stats: ExpertStats, target: Target) -> dict[int, tuple[int, int, int, Any, int]]:
+        """``{layer: (E, r, top_k, groups, n keep sets)}`` of the target, every limit checked (no statistic read)."""
         if target.allocation == "global":
             raise ValueError(
                 "naee enumerates keep sets layer by layer with a fixed count; use allocation='uniform' "
                 "(or 'method'), or a scoring method (e.g. reap) for global allocation"
             )
         budget = target.resolve(stats)
-        keep, scores, losses, fidelity = {}, {}, {}, {}
+        out = {}
         for li in stats.moe_layers:
             E, r, k = budget.num_experts[li], budget.uniform_keep[li], budget.top_k[li]
             groups = group_layout(stats, li)
             n = n_keep_sets(E, r, groups, k)
             if n == 0:
-                raise ValueError(
-                    f"layer {li}: no group-balanced keep set of {r} experts exists; change the target"
-                )
+                raise ValueError(f"layer {li}: no group-balanced keep set of {r} experts exists; change the target")
             if n > self.max_combinations:
                 raise ValueError(
                     f"naee: layer {li} needs C({E}, {r}) = {n} reconstructions, above "
                     f"max_combinations={self.max_combinations}; raise max_combinations or use a "
                     "scoring method (reap, man, easyep) for models with many experts"
                 )
-            loss_fn = reconstruction_loss_fn(stats, li, self.loss)
-            ynorm = float(torch.linalg.norm(stats.get(li, "recon_target").double()))
-            fidelity[str(li)] = float(batch_sq_error_fn(stats, li)(range(E)).sum().sqrt()) / max(ynorm, 1e-300)
+            out[li] = (E, r, k, groups, n)
+        return out
+
+    def online_spec(self, stats: ExpertStats, target: Target) -> dict[int, NaeeLayerSpec]:
+        """The candidates ``naee_online`` scores during observe, from ``stats`` holding only the model's
+        metadata (before calibration): the keep sets ``plan`` would enumerate, in its order. Raises
+        ``ValueError`` (with the reason) where enumeration is not possible."""
+        specs = {}
+        for li, (E, r, k, groups, n) in self._layer_sizes(stats, target).items():
+            cand = torch.tensor(list(keep_sets(E, r, groups, k)), dtype=torch.int64).reshape(n, r)
+            specs[li] = NaeeLayerSpec(keep=r, candidates=cand, top_k=layer_top_k(stats, li),
+                                      router=dict(layer_meta(stats, "router", li, {})), groups=groups)
+        return specs
+
+    def _online_losses(self, stats: ExpertStats, li: int, r: int, n: int) -> tuple[torch.Tensor, float]:
+        """``([n] losses, fidelity)`` of layer ``li`` from ``naee_online`` statistics (scored during observe)."""
+        have = layer_meta(stats, "naee_online", li, {})
+        if have.get("keep") != r or have.get("candidates") != n:
+            raise ValueError(
+                f"naee: layer {li}: the statistics scored online the keep sets of {have.get('keep')} experts "
+                f"({have.get('candidates')} candidates) but this target keeps {r} ({n} candidates); calibrate "
+                "again with this target, or with calibration.recon_mode=cache (a token cache, any target)"
+            )
+        d = stats.layers[li]
+        fid = float(d["naee_full_sq"].sqrt()) / max(float(d["naee_target_sq"].sqrt()), 1e-300)
+        if self.loss == "pooled":  # one norm over every token: sqrt of the summed per-batch squares
+            return stats.get(li, "naee_sq").double().sqrt(), fid
+        return stats.get(li, "naee_loss").double(), fid
+
+    def _cached_losses(self, stats: ExpertStats, li: int, ks: list) -> tuple[torch.Tensor, float]:
+        """``([n] losses, fidelity)`` of the keep sets ``ks`` on the cached tokens of layer ``li``."""
+        full, sq = batch_sq_errors(stats, li, ks)  # [B], [n, B]
+        ynorm = float(torch.linalg.norm(stats.get(li, "recon_target").double()))
+        return reduce_loss(sq, self.loss), float(full.sum().sqrt()) / max(ynorm, 1e-300)
+
+    def plan(self, stats: ExpertStats, target: Target) -> PruningPlan:
+        keep, scores, losses, fidelity = {}, {}, {}, {}
+        sizes = self._layer_sizes(stats, target)
+        for li in tqdm(sizes, desc="naee layers", disable=not self.progress):
+            E, r, k, groups, n = sizes[li]
+            ks = list(keep_sets(E, r, groups, k))
+            online = "naee_loss" in stats.layers[li]
+            loss, fidelity[str(li)] = (self._online_losses(stats, li, r, n) if online
+                                       else self._cached_losses(stats, li, ks))
             if fidelity[str(li)] > self.fidelity_tol:
                 logger.warning(
                     "naee layer %d: the routing simulation misses the observed routed output by %.3g (relative) "
                     "with every expert kept (selection bias or an unsupported router); losses are approximate",
-                    li,
-                    fidelity[str(li)],
-                )
-            best, best_loss = None, math.inf
-            seen = torch.full((E,), math.inf, dtype=torch.float64)  # best loss of a keep set containing e
-            bar = tqdm(
-                keep_sets(E, r, groups, k), total=n, desc=f"naee layer {li}", disable=not self.progress
-            )
-            for ks in bar:
-                loss = loss_fn(ks)
-                idx = list(ks)
-                seen[idx] = torch.clamp(seen[idx], max=loss)
-                if loss < best_loss:
-                    best, best_loss = ks, loss
-            keep[li], losses[str(li)] = list(best), best_loss
+                    li, fidelity[str(li)])
+            best = int(torch.argmin(loss))  # the first minimum: lexicographic order on ties
+            keep[li], losses[str(li)] = list(ks[best]), float(loss[best])
             # score = -(smallest loss of any keep set containing the expert): kept experts score highest
+            seen = torch.full((E,), math.inf, dtype=torch.float64).scatter_reduce(
+                0, torch.tensor(ks, dtype=torch.int64).reshape(-1), loss.repeat_interleave(r), "amin")
             fin = seen[torch.isfinite(seen)]
             scores[li] = -torch.where(torch.isfinite(seen), seen, fin.max() if fin.numel() else 0.0)
         meta = {"allocation": "uniform", "recon_loss": losses, "recon_fidelity": fidelity,
-                "recon_cache": stats.meta.get("recon")}  # tokens cached, memory bound, estimate (None: unknown)
+                "recon_cache": stats.meta.get("recon"),  # tokens cached, memory bound, estimate (None: unknown)
+                "recon_path": "online" if "naee_online" in stats.meta else "cache",
+                "recon_mode": stats.meta.get("recon_path")}  # calibrate's choice and why (None: observed directly)
         if (stats.meta.get("recon") or {}).get("subsampled"):
             logger.warning("naee: statistics cache a token subsample (%s), not every token as the reference",
                            stats.meta["recon"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from moeprune.observe.accumulators import CHUNK_ELEMENTS, Accumulator, _sel, fp
+from moeprune.observe.recon_math import expert_output_chunks
 from moeprune.observe.record import MoERecord
 
 
@@ -52,13 +53,36 @@ class PathsAccumulator(Accumulator):
         self._cat("sample_out_norm", ysq[keep].sqrt())
 
 
+CLUSTER_DTYPES = {"float64": torch.float64, "float16": torch.float16}
+
+
 class ClusterAccumulator(Accumulator):
-    """C-Prune: every expert applied to each sample's mean-pooled (valid tokens) expert input."""
+    """C-Prune: every expert applied to each sample's mean-pooled (valid tokens) expert input.
+
+    ``dtype="float16"`` stores the rows in float16 (a quarter of the memory): exactly the features C-Prune's
+    default ``precision="float16"`` reads (the reference's fp16 cast of the same values), refused by
+    ``precision="float64"``; a value beyond float16's range raises instead of storing inf."""
 
     group = "cluster"
 
-    def __init__(self, num_experts: int, hidden_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, dtype: str = "float64"):
+        if dtype not in CLUSTER_DTYPES:
+            raise ValueError(f"cluster dtype={dtype!r}; choose one of {list(CLUSTER_DTYPES)}")
         super().__init__({"sentence_out": (num_experts, hidden_size)})
+        self.dtype = CLUSTER_DTYPES[dtype]
+
+    def _cat(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().to("cpu", torch.float64).to(self.dtype)  # via float64: one rounding, as the method
+        if self.dtype == torch.float16 and not bool(torch.isfinite(v).all()):
+            raise ValueError("sentence_out exceeds the float16 range (|x| > 65504); calibrate with "
+                             "calibration.cluster_dtype: float64")
+        self._parts[name].append(v)
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> Accumulator:
+        """As the base, but rows keep their stored precision."""
+        super().load_state_dict(sd)
+        self._parts["sentence_out"] = [sd["sentence_out"].cpu()] if sd["sentence_out"].shape[0] else []
+        return self
 
     def update(self, rec: MoERecord) -> None:
         vi = rec.valid_index
@@ -131,7 +155,9 @@ class ReconstructionAccumulator(Accumulator):
             pick = vi[sub.to(vi.device)]
         lg = rec.logits.index_select(0, pick)
         self._cat("recon_logits", lg)
-        self._cat("recon_expert_out", rec.bank.all_outputs(rec.x.index_select(0, pick), lg))
+        # the token chunks of the online path (naee_online): both score bitwise the same expert outputs
+        outs = [o for _, o in expert_output_chunks(rec.bank, rec.x.index_select(0, pick), fp(lg))]
+        self._cat("recon_expert_out", torch.cat(outs) if outs else lg.new_zeros(0, *self.shapes["recon_expert_out"]))
         self._cat("recon_target", rec.routed.index_select(0, pick))
         self._cat("recon_batch", torch.full((pick.numel(),), rec.batch_index, dtype=torch.int64))
         if "recon_input" in self.shapes:

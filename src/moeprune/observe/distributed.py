@@ -87,9 +87,11 @@ def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: I
                         dst: int = 0, group=None, progress: bool | None = None, seed: int = 0,
                         recon_tokens: int | None = None, recon_max_gb: float | None = DEFAULT_MAX_GB,
                         implementation: str = "auto",
-                        data: Mapping[str, Any] | None = None) -> ExpertStats | None:
+                        data: Mapping[str, Any] | None = None,
+                        naee: Mapping[int, Any] | None = None, cluster_dtype: str = "float64") -> ExpertStats | None:
     """Every rank calls this with the SAME ``batches`` (e.g. the same seeded ``load_calibration``) and an
-    identical model; each observes its shard. Returns the merged ``ExpertStats`` on rank ``dst``, None on
+    identical model; each observes its shard (whole batches: ``naee_online``'s per-batch norms need it).
+    Returns the merged ``ExpertStats`` on rank ``dst``, None on
     the others. Requires ``torch.distributed.init_process_group`` first."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("observe_distributed needs an initialised process group: call "
@@ -102,5 +104,6 @@ def observe_distributed(model: nn.Module, batches: Iterable[Any], *, features: I
         recon = plan_recon_cache(build_banks(model), batches, tokens_per_batch=recon_tokens, max_gb=recon_max_gb)
     lo, hi = shard_bounds(len(batches), rank, world)
     local = observe(model, batches[lo:hi], features=features, progress=(rank == dst) if progress is None else progress,
-                    seed=seed, implementation=implementation, data=data, batch_offset=lo, recon=recon)
+                    seed=seed, implementation=implementation, data=data, batch_offset=lo, recon=recon,
+                    naee=naee, cluster_dtype=cluster_dtype)
     return reduce_stats(local, dst=dst, group=group)

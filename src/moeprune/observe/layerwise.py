@@ -232,7 +232,9 @@ class Checkpoint:
 def _fingerprint(model: nn.Module, batches: list[dict], obs: Observer, n_layers: int,
                  sequential: dict | None = None) -> str:
     cfg = getattr(model, "config", None)
+    naee = {str(li): sp.meta() for li, sp in obs.naee.items()} if obs.naee is not None else None
     blob = json.dumps({"features": obs.features, "seed": obs.seed, "recon": obs.recon_tokens, "layers": n_layers,
+                       "naee": naee, "cluster_dtype": obs.cluster_dtype,
                        "data": batches_hash(batches), "n": len(batches),
                        "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else type(model).__name__,
                        **({"sequential": sequential} if sequential else {})},
@@ -264,7 +266,8 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
                       checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
                       seed: int = 0, recon_tokens: int | None = None,
                       recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
-                      data: Mapping[str, Any] | None = None, sequential: bool = False,
+                      data: Mapping[str, Any] | None = None, naee: Mapping[int, Any] | None = None,
+                      cluster_dtype: str = "float64", sequential: bool = False,
                       method: MethodConfig | None = None, target: Target | None = None) -> ExpertStats:
     """Same statistics as ``observe`` computed one decoder layer at a time (see the module docstring).
 
@@ -275,7 +278,7 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
     (``observe/sequential.py``); the plan is in ``stats.meta["sequential_plan"]`` (``sequential_plan``)."""
     batches = [as_batch(b) for b in batches]
     obs, _ = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
-                            recon_max_gb=recon_max_gb)
+                            recon_max_gb=recon_max_gb, naee=naee, cluster_dtype=cluster_dtype)
     lname, layers = decoder_layers(model, [b.name for b in obs.banks.values()])
     device = input_device(model)
     seq = _planner(sequential, method, target, obs, model)
@@ -288,7 +291,7 @@ def observe_layerwise(model: nn.Module, batches: Iterable[Any], *, features: Ite
         seq.lookahead = observe_layerwise(model, batches, features=features, progress=progress, seed=seed,
                                           recon_tokens=recon_tokens, recon_max_gb=recon_max_gb,
                                           implementation=implementation, data=data, checkpoint_dir=ahead,
-                                          resume=resume)
+                                          resume=resume, naee=naee, cluster_dtype=cluster_dtype)
     lazy = lazy_layers(model)
     with eval_mode(model), torch.no_grad(), (lazy.manual() if lazy else contextlib.nullcontext()), MoECapture(
             model, obs, banks=obs.banks, intermediates=obs.needs_intermediates, residual=obs.needs_residual,

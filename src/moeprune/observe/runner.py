@@ -31,6 +31,7 @@ from moeprune.observe.accumulators_dense import (
     PathsAccumulator,
     ReconstructionAccumulator,
 )
+from moeprune.observe.accumulators_naee import NaeeLayerSpec, NaeeOnlineAccumulator
 from moeprune.observe.capture import MoECapture, MoERecord
 from moeprune.observe.experts import ExpertBank, build_banks
 from moeprune.observe.recon_cache import DEFAULT_MAX_GB, ReconCachePlan, check_recon_options, plan_recon_cache
@@ -51,8 +52,17 @@ class Observer:
 
     def __init__(self, banks: dict[int, ExpertBank], features: Iterable[str] | str = ("routed",), *,
                  seed: int = 0, recon_tokens: int | None = None, recon: ReconCachePlan | None = None,
-                 partials: bool = True):
+                 partials: bool = True, naee: Mapping[int, NaeeLayerSpec] | None = None,
+                 cluster_dtype: str = "float64"):
         self.banks, self.features = banks, normalize_features(features)
+        self.cluster_dtype = cluster_dtype  # storage of the cluster rows (accumulators_dense.CLUSTER_DTYPES)
+        if ("naee_online" in self.features) != (naee is not None):
+            raise ValueError("the naee_online feature and its candidates (naee={layer: NaeeLayerSpec}, from "
+                             "NAEE.online_spec) go together; pass both or neither")
+        missing = sorted(set(banks) - set(naee or banks))
+        if missing:
+            raise ValueError(f"naee_online: no candidates for MoE layers {missing}")
+        self.naee = dict(naee) if naee is not None else None  # candidate keep sets per layer (naee_online)
         self.partials = partials  # per-batch partials of the cheap groups (observe/partials.py)
         self.seed, self.recon = seed, recon  # recon: the cache decision, recorded in meta["recon"]
         self.recon_tokens = recon.tokens_per_batch if recon is not None else recon_tokens
@@ -88,9 +98,11 @@ class Observer:
         if "paths" in self.features:
             acc["paths"] = PathsAccumulator(e)
         if "cluster" in self.features:
-            acc["cluster"] = ClusterAccumulator(e, h)
+            acc["cluster"] = ClusterAccumulator(e, h, self.cluster_dtype)
         if "reconstruction" in self.features:
             acc["reconstruction"] = ReconstructionAccumulator(e, bank.router_width, h, self.recon_tokens, self.seed)
+        if self.naee is not None:
+            acc["naee_online"] = NaeeOnlineAccumulator(e, self.naee[bank.layer])
         return acc
 
     def __call__(self, rec: MoERecord) -> None:
@@ -199,6 +211,7 @@ def build_meta(model: nn.Module, obs: Observer, data: Mapping[str, Any] | None =
         "next_moe_layer": {str(a): b for a, b in obs.next_layer.items()},
         "data": dict(data) if data else {},
         **({"recon": obs.recon.meta()} if obs.recon is not None and "reconstruction" in obs.features else {}),
+        **({"naee_online": {str(li): sp.meta() for li, sp in obs.naee.items()}} if obs.naee is not None else {}),
     }
 
 
@@ -236,7 +249,8 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
 
 def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[str] | str, *, seed: int,
                    recon_tokens: int | None, recon_max_gb: float | None, recon: ReconCachePlan | None = None,
-                   partials: bool = True) -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
+                   partials: bool = True, naee: Mapping[int, NaeeLayerSpec] | None = None,
+                   cluster_dtype: str = "float64") -> tuple[Observer, list[dict[str, Any]] | Iterable[Any]]:
     """The Observer, with the ``reconstruction`` cache decided from ALL ``batches`` before calibration
     (``recon`` given: a decision already made on the full data, e.g. by ``observe_distributed``)."""
     check_recon_options(recon_tokens, recon_max_gb)
@@ -244,14 +258,17 @@ def recon_observer(model: nn.Module, batches: Iterable[Any], features: Iterable[
     if "reconstruction" in feats and recon is None:
         batches = [as_batch(b) for b in batches]
         recon = plan_recon_cache(banks, batches, tokens_per_batch=recon_tokens, max_gb=recon_max_gb)
-    return Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon, partials=partials), batches
+    obs = Observer(banks, feats, seed=seed, recon_tokens=recon_tokens, recon=recon, partials=partials, naee=naee,
+                   cluster_dtype=cluster_dtype)
+    return obs, batches
 
 
 def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str] | str = ("routed",),
             progress: bool = True, seed: int = 0, recon_tokens: int | None = None,
             recon_max_gb: float | None = DEFAULT_MAX_GB, implementation: str = "auto",
             data: Mapping[str, Any] | None = None, batch_offset: int = 0,
-            recon: ReconCachePlan | None = None, partials: bool = True) -> ExpertStats:
+            recon: ReconCachePlan | None = None, partials: bool = True,
+            naee: Mapping[int, NaeeLayerSpec] | None = None, cluster_dtype: str = "float64") -> ExpertStats:
     """One calibration pass over ``batches`` collecting ``features`` (see ``observe/stats.py::SCHEMA``).
 
     ``batches``: LongTensors ``[B, S]`` or dicts with ``input_ids`` (+ ``attention_mask``; 0 = padding,
@@ -260,9 +277,13 @@ def observe(model: nn.Module, batches: Iterable[Any], *, features: Iterable[str]
     (tokens per batch, ``seed`` seeds the choice) asks for a subsample; see ``observe/recon_cache.py``.
     ``data`` is recorded in ``meta["data"]``; ``batch_offset`` is the global index of the first batch (for
     shards). ``partials`` keeps each batch's own ``routed`` / ``direction`` sums next to the totals
-    (``observe/partials.py``: ``8 B (16 E + 1)`` bytes per layer for ``routed``), for ``moeprune stability``."""
+    (``observe/partials.py``: ``8 B (16 E + 1)`` bytes per layer for ``routed``), for ``moeprune stability``.
+    ``naee``: with the ``naee_online`` feature, the candidate keep sets scored per layer during the pass
+    (``observe/accumulators_naee.py``; from ``NAEE.online_spec``). ``cluster_dtype="float16"`` stores C-Prune's
+    rows in float16 (``ClusterAccumulator``)."""
     obs, batches = recon_observer(model, batches, features, seed=seed, recon_tokens=recon_tokens,
-                                  recon_max_gb=recon_max_gb, recon=recon, partials=partials)
+                                  recon_max_gb=recon_max_gb, recon=recon, partials=partials, naee=naee,
+                                  cluster_dtype=cluster_dtype)
     run_batches(model, batches, obs, progress=progress, implementation=implementation, batch_offset=batch_offset)
     return obs.result(model, data)
 

@@ -80,6 +80,13 @@ SCHEMA: dict[str, tuple[str, str, str, str]] = {
     "selection_bias": ("reconstruction", "max", "[E_router]",
                        ("selection-only router bias (e_score_correction_bias, expert_bias, moe_statics) added "
                         "to the scores for top-k choice only; zeros when the router has none")),
+    # --- naee_online: NAEE's loss of every candidate keep set, accumulated during observe (no token cache).
+    # C candidates = the layer's keep sets of meta["naee_online"][layer]["keep"] experts in NAEE's order.
+    "naee_loss": ("naee_online", "sum", "[C]", "sum over batches b of ||Y_b - Y'_b(K)||_F (the reference's loss)"),
+    "naee_sq": ("naee_online", "sum", "[C]", "sum over batches b of ||Y_b - Y'_b(K)||_F^2 (loss='pooled')"),
+    "naee_full_sq": ("naee_online", "sum", "[]", "||Y - Y'(all experts)||_F^2: the routing simulation's miss"),
+    "naee_target_sq": ("naee_online", "sum", "[]", "||Y||_F^2 over every valid token"),
+    "naee_batches": ("naee_online", "sum", "[]", "calibration batches whose norms were added"),
 }
 # Per-batch partials of the cheap groups are saved beside the totals as ``<name>@batch`` [B, ...] plus
 # ``batch_index@batch`` [B] (observe/partials.py); they concatenate (in batch order) on merge.
@@ -90,7 +97,7 @@ def reduction(name: str) -> str:
     return "cat" if is_partial(name) else SCHEMA.get(name, ("", "sum"))[1]
 
 
-FEATURES = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction")
+FEATURES = ("routed", "direction", "neurons", "transitions", "paths", "cluster", "reconstruction", "naee_online")
 
 
 @dataclass
@@ -107,7 +114,9 @@ class ExpertStats:
     dtype_bytes, features [...], num_samples, num_tokens, next_moe_layer {layer: next layer},
     data (source, hash, seq_len, seed), recon (with ``reconstruction``: the NAEE cache decision
     ``observe/recon_cache.py::ReconCachePlan`` - tokens_per_batch (None = all), max_gb, estimate_gb, cached_gb,
-    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound"))."""
+    tokens_total, tokens_cached, subsampled (None / "explicit" / "memory bound")), naee_online {layer: {keep,
+    candidates}} (with ``naee_online``), and from ``calibrate``: recon_path (path "online" / "cache", mode,
+    reason) when NAEE's reconstruction was requested, memory_estimate {group: bytes} (``observe/memory.py``)."""
 
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
