@@ -243,3 +243,16 @@ def test_offloaded_model_gives_the_in_memory_sequential_plan(tiny_cache, tmp_pat
     for li in mem.moe_layers:
         _assert_rows(got[li], mem[li], 0.0, f"layer {li}")  # same weights, same layer ops
     assert all(p.device.type == "meta" for p in off.model.layers.parameters())  # released again
+
+
+def test_sequential_naee_scores_online_and_records_it():
+    """run/oneshot know the target before calibration: sequential NAEE scores its keep sets online."""
+    from moeprune import oneshot
+
+    res = oneshot("tiny:mixtral", recipe={
+        "method": {"name": "naee"}, "target": {"expert_sparsity": 0.5, "allocation": "uniform"},
+        "calibration": {"num_samples": 4, "seq_len": 16, "sequential": True},
+        "eval": {"perplexity": None, "kl": False}})
+    assert res.plan.meta["sequential"] is True
+    assert res.plan.meta["recon_path"] == "online"
+    assert res.stats.meta["recon_path"]["path"] == "online"

@@ -204,7 +204,10 @@ def sequential_plan(stats: ExpertStats) -> PruningPlan:
     if d is None:
         raise ValueError("these statistics come from a one-shot calibration (no sequential_plan in their "
                          "metadata); plan them with `moeprune plan`, or calibrate with sequential: true")
-    return PruningPlan.from_dict(d)
+    plan = PruningPlan.from_dict(d)
+    if "recon_path" in stats.meta:  # set by calibrate after the pass: which NAEE path scored the keep sets
+        plan.meta.setdefault("recon_path", stats.meta["recon_path"].get("path"))
+    return plan
 
 
 def decoder_index(layer_list_name: str, banks: Mapping[int, Any]) -> dict[int, int]:
