@@ -87,11 +87,11 @@ def recover_layer(model: nn.Module, bank, plan: PruningPlan, x: torch.Tensor, cf
     x = x.to(next(bank.experts.parameters()).device)
     full = routed(bank, x)
     pruned = pruned_routed(model, bank, plan, x)
-    check_additive(model, bank, plan, x, full, pruned)
+    check_additive(bank, full, pruned)
     before = rel_residual(full.y, pruned.y)
     if isinstance(cfg, CompensateConfig):
-        rec = compensate_layer(bank, plan, x, full.y, pruned, cfg)
+        rec = compensate_layer(bank, plan, full.y, pruned, cfg)
     else:
-        rec = merge_layer(bank, plan.layers[bank.layer], x, full, cfg.align)
+        rec = merge_layer(bank, plan.layers[bank.layer], full, cfg.align)
     after = rel_residual(full.y, pruned_routed(model, bank, plan, x).y)
     return {"tokens": int(x.shape[0]), "residual_before": round(before, 8), "residual_after": round(after, 8), **rec}

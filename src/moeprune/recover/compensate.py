@@ -63,7 +63,7 @@ def write_scales(bank: ExpertBank, keep: list[int], s: torch.Tensor) -> None:
             b.copy_((b.double() * v).to(b.dtype))
 
 
-def _expert_down(bank: ExpertBank, e: int, x: torch.Tensor, pruned: Routed, y: torch.Tensor,
+def _expert_down(bank: ExpertBank, e: int, pruned: Routed, y: torch.Tensor,
                  target: torch.Tensor, ch: torch.Tensor, ridge: float) -> tuple[torch.Tensor, int]:
     """New ``W [H, c]`` of expert ``e`` on its kept channels ``ch``; updates ``y [N, H]`` in place."""
     tok, slot = torch.nonzero(pruned.idx == e, as_tuple=True)
@@ -71,7 +71,7 @@ def _expert_down(bank: ExpertBank, e: int, x: torch.Tensor, pruned: Routed, y: t
     if tok.numel() == 0:
         return w0, 0
     g = pruned.w[tok, slot].unsqueeze(1)  # [n, 1]
-    _, h = bank.expert_forward(e, x[tok], want_inter=True)
+    _, h = bank.expert_forward(e, pruned.xin[tok], want_inter=True)
     a = g * h.double()[:, ch]  # [n, c]
     bias = g * bank.experts.down_proj_bias[e].double() if bank.has_bias else 0.0
     own = g * pruned.f[tok, slot].double()  # [n, H] current contribution of e
@@ -84,7 +84,7 @@ def _expert_down(bank: ExpertBank, e: int, x: torch.Tensor, pruned: Routed, y: t
 
 
 @torch.no_grad()
-def fit_down(bank: ExpertBank, plan: PruningPlan, x: torch.Tensor, pruned: Routed, target: torch.Tensor,
+def fit_down(bank: ExpertBank, plan: PruningPlan, pruned: Routed, target: torch.Tensor,
              ridge: float) -> dict[int, int]:
     """Refit each kept expert's down projection (kept channels); returns tokens per expert."""
     lp = plan.layers[bank.layer]
@@ -93,19 +93,19 @@ def fit_down(bank: ExpertBank, plan: PruningPlan, x: torch.Tensor, pruned: Route
     counts = {}
     for e in lp.keep:  # h_e does not depend on any down projection, so each write can follow its fit
         ch = torch.as_tensor((lp.neurons or {}).get(e, range(inter)), dtype=torch.long)
-        w, counts[e] = _expert_down(bank, e, x, pruned, y, target, ch, ridge)
+        w, counts[e] = _expert_down(bank, e, pruned, y, target, ch, ridge)
         d = bank.down_weight(e)
         d[:, ch] = w.to(d.dtype)
     return counts
 
 
-def compensate_layer(bank: ExpertBank, plan: PruningPlan, x: torch.Tensor,
-                     target: torch.Tensor, pruned: Routed, cfg: CompensateConfig) -> dict:
+def compensate_layer(bank: ExpertBank, plan: PruningPlan, target: torch.Tensor, pruned: Routed,
+                     cfg: CompensateConfig) -> dict:
     """Fit one layer in place; the record holds the fitted values."""
     keep = list(plan.layers[bank.layer].keep)
     if cfg.target == "scale":
         s = fit_scales(pruned, target, keep, cfg.ridge)
         write_scales(bank, keep, s)
         return {"scales": {str(e): round(float(v), 6) for e, v in zip(keep, s.tolist())}}
-    counts = fit_down(bank, plan, x, pruned, target, cfg.ridge)
+    counts = fit_down(bank, plan, pruned, target, cfg.ridge)
     return {"tokens_per_expert": {str(e): n for e, n in counts.items()}}

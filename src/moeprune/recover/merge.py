@@ -90,10 +90,11 @@ def merge_cluster(bank: ExpertBank, survivor: int, members: dict[int, float],
             src[survivor] = sum(a * src[j].double() for j, a in members.items()).to(t.dtype)
 
 
-def merge_layer(bank: ExpertBank, lp: LayerPlan, x: torch.Tensor, full: Routed, align: bool) -> dict:
+def merge_layer(bank: ExpertBank, lp: LayerPlan, full: Routed, align: bool) -> dict:
     """Merge every dropped expert of one layer in place; the record says where each went and whether
     alignment changed its neuron order."""
     check_mergeable(bank, lp)
+    x = full.xin  # the experts' input [N, H]
     mass = gate_mass(full, bank.num_experts)
     cos = output_cosine(bank, x)
     kept = torch.as_tensor(lp.keep, dtype=torch.long)

@@ -20,43 +20,58 @@ from moeprune.plan import LayerPlan, PruningPlan
 
 @dataclass
 class Routed:
-    """One routing of ``x [N, H]``: ``idx [N, k]``, float64 gates ``w [N, k]`` (times the family's output
-    scale), per-slot un-gated outputs ``f [N, k, H]`` (model dtype) and the routed sum ``y [N, H]`` (f64)."""
+    """One routing of the block input ``x [N, H]`` as the block itself computes it: the experts' input
+    ``xin [N, H]``, ``idx [N, k]``, float64 gates ``w [N, k]`` (times the family's output scale),
+    per-slot un-gated outputs ``f [N, k, H]`` (model dtype), the routed sum ``y [N, H]`` and the whole
+    block output ``out [N, H]`` (float64)."""
 
+    xin: torch.Tensor
     idx: torch.Tensor
     w: torch.Tensor
     f: torch.Tensor
     y: torch.Tensor
+    out: torch.Tensor
 
 
 def check_supported(bank: ExpertBank, what: str) -> None:
     """Recovery rewrites fused expert tensors; other layouts are refused with the reason."""
     if bank.kind != "fused" or bank.gate_on_input or bank.post_norm:
         why = ("a norm over the expert output" if bank.post_norm else
-               "the gate scales the expert input" if bank.gate_on_input else f"the {bank.kind!r} expert layout")
+               "gates applied to the expert input" if bank.gate_on_input else f"the {bank.kind!r} expert layout")
         raise NotImplementedError(f"recovery {what!r} on MoE layer {bank.layer} ({type(bank.experts).__name__}): "
-                                  f"{why} is not supported; run without recovery (recovery: null)")
+                                  f"not supported with {why}; run without recovery (recovery: null)")
 
 
-def route(bank: ExpertBank, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(idx [N, k] long, w [N, k] float64)`` from the block's own router (the experts' gate weights)."""
-    out = bank.router(x)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    idx = next((t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
-    w = next((t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and idx is not None
-              and t.shape == idx.shape), None)
-    if idx is None or w is None:
-        raise NotImplementedError(f"recovery: the router of MoE layer {bank.layer} ({type(bank.router).__name__}) "
-                                  "does not return (logits, top-k weights, top-k indices); not supported")
-    return idx.long(), w.double() * float(bank.routing.get("output_scale", 1.0))
+def _experts_call(bank: ExpertBank, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the block on ``x [N, H]``; ``(block output [N, H], experts input, top-k idx, top-k weights)``
+    as the block passed them to its experts (selection biases, group limits, scaling all applied)."""
+    got: dict = {}
+
+    def pre(mod, args, kwargs):
+        vals = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        idx = next((v for v in vals if not v.is_floating_point() and v.dim() == 2), None)
+        w = next((v for v in vals if idx is not None and v.is_floating_point() and v.shape == idx.shape), None)
+        got.update(xin=vals[0], idx=idx, w=w)
+
+    h = bank.experts.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        out = bank.block(x.unsqueeze(0))
+    finally:
+        h.remove()
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if got.get("idx") is None or got.get("w") is None:
+        raise NotImplementedError(f"recovery: the experts of MoE layer {bank.layer} ({type(bank.experts).__name__}) "
+                                  "are not called with (hidden, top-k indices, top-k weights); not supported")
+    return out.reshape(x.shape), got["xin"].reshape(-1, x.shape[-1]), got["idx"].long(), got["w"]
 
 
 def routed(bank: ExpertBank, x: torch.Tensor) -> Routed:
     """The routed output of the block in its current state (call under a mask for the pruned one)."""
-    idx, w = route(bank, x)
-    f, _ = bank.slots(x, idx)  # [N, k, H]
+    out, xin, idx, w = _experts_call(bank, x)
+    w = w.double() * float(bank.routing.get("output_scale", 1.0))
+    f, _ = bank.slots(xin, idx)  # [N, k, H]
     y = torch.einsum("nk,nkh->nh", w, f.double())
-    return Routed(idx, w, f, y)
+    return Routed(xin, idx, w, f, y, out.double())
 
 
 def layer_plan(plan: PruningPlan, li: int) -> PruningPlan:
@@ -78,21 +93,12 @@ def pruned_routed(model: nn.Module, bank: ExpertBank, plan: PruningPlan, x: torc
         return routed(bank, x)
 
 
-@torch.no_grad()
-def check_additive(model: nn.Module, bank: ExpertBank, plan: PruningPlan, x: torch.Tensor,
-                   full: Routed, pruned: Routed) -> None:
+def check_additive(bank: ExpertBank, full: Routed, pruned: Routed) -> None:
     """The block's own output minus our routed sum (shared experts etc.) must not depend on the pruning:
     otherwise our routed maths misses something this family does, and a fit would be wrong."""
-    def rest(y_routed):
-        out = bank.block(x.unsqueeze(0))
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return out.reshape(x.shape).double() - y_routed
-
-    c_full = rest(full.y)
-    with pruned_context(model, plan, bank.layer):
-        c_pruned = rest(pruned.y)
+    c_full, c_pruned = full.out - full.y, pruned.out - pruned.y
     diff = (c_full - c_pruned).norm()
-    noise = 16 * torch.finfo(x.dtype).eps * (full.y.norm() + c_full.norm())
+    noise = 16 * torch.finfo(full.f.dtype).eps * (full.out.norm() + full.y.norm())
     if diff > 0.25 * (full.y - pruned.y).norm() + noise:
         raise NotImplementedError(
             f"recovery: MoE layer {bank.layer} ({type(bank.block).__name__}) does not compute shared + sum of "
