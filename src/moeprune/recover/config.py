@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from moeprune.methods.registry import check_option_types
 
@@ -60,7 +60,7 @@ class CompensateConfig(RecoveryConfig):
     ``"scale"``: one output scale per kept expert (joint fit). ``ridge``: shrinkage toward the current
     weights (scale 1), relative to the Gram's mean diagonal, so it is unit-free."""
 
-    target: Literal["down", "scale"] = "down"
+    target: str = "down"
     ridge: float = 1e-2
 
     def __post_init__(self):
