@@ -30,13 +30,15 @@ from moeprune.observe import ExpertStats, observe
 from moeprune.recover import capture_inputs, recover
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-RECOVERIES = [  # (label, recovery config or None)
+RECOVERIES = [  # (label, recovery config or None); every option spelled out in the label
     ("none", None),
-    ("compensate down", {"name": "compensate", "target": "down", "ridge": 1e-2}),
-    ("compensate down ridge=1e-3", {"name": "compensate", "target": "down", "ridge": 1e-3}),
+    ("compensate down ridge=0.001", {"name": "compensate", "target": "down", "ridge": 1e-3}),
+    ("compensate down ridge=0.01", {"name": "compensate", "target": "down", "ridge": 1e-2}),
     ("compensate down ridge=0.1", {"name": "compensate", "target": "down", "ridge": 0.1}),
-    ("compensate scale", {"name": "compensate", "target": "scale", "ridge": 1e-2}),
-    ("merge", {"name": "merge", "align": True}),
+    ("compensate down ridge=0.3", {"name": "compensate", "target": "down", "ridge": 0.3}),
+    ("compensate down ridge=1", {"name": "compensate", "target": "down", "ridge": 1.0}),
+    ("compensate scale ridge=0.01", {"name": "compensate", "target": "scale", "ridge": 1e-2}),
+    ("merge align=true", {"name": "merge", "align": True}),
     ("merge align=false", {"name": "merge", "align": False}),
 ]
 
@@ -68,6 +70,9 @@ def run_one(model, tok, splits, plan, rec_cfg, inputs, test_tokens: int) -> dict
         lays = record["layers"].values()
         row["residual_before"] = sum(v["residual_before"] for v in lays) / len(lays)
         row["residual_after"] = sum(v["residual_after"] for v in lays) / len(lays)
+        aligned = [a for v in lays for a in v.get("aligned", {}).values()]
+        if aligned:  # merge align=true: how many dropped experts had their neurons re-ordered
+            row["aligned"] = f"{sum(aligned)}/{len(aligned)}"
     apply_plan(m, plan)
     return {**row, **macro_ppl(m, tok, splits, test_tokens)}
 
