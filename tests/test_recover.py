@@ -162,6 +162,8 @@ def test_options_and_unsupported_families_fail_clearly():
         get_recovery("merge", foo=1)
     with pytest.raises(ValueError, match="unknown recovery 'distill'"):
         get_recovery("distill")
+    with pytest.raises(ValueError, match="recovery 'merge': option align='yes'"):
+        get_recovery("merge", align="yes")
     with pytest.raises(ValueError, match="ridge=-1"):
         get_recovery("compensate", ridge=-1.0)
     model = tiny_model("qwen3_moe")

@@ -93,5 +93,8 @@ def get_recovery(name: str, **kwargs) -> RecoveryConfig:
     bad = sorted(set(kwargs) - fields)
     if bad:
         raise ValueError(f"recovery {name!r} has no option(s) {bad}; its options are {sorted(fields)}")
-    check_option_types(cls, kwargs)
+    try:
+        check_option_types(cls, kwargs)
+    except ValueError as e:  # its message says "method": this is a recovery step
+        raise ValueError(str(e).replace("method ", "recovery ", 1)) from None
     return cls(**kwargs)

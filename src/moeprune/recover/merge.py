@@ -21,7 +21,7 @@ from moeprune.observe.experts import ExpertBank
 from moeprune.plan import LayerPlan
 from moeprune.recover.routed import Routed
 
-CHUNK = 512  # tokens per all-experts pass: [CHUNK, E, H] outputs at a time
+CHUNK_ELEMS = 2**24  # elements of one all-experts pass [n, E, H] (128 MiB in float64)
 
 
 def gate_mass(full: Routed, num_experts: int) -> torch.Tensor:
@@ -33,8 +33,9 @@ def gate_mass(full: Routed, num_experts: int) -> torch.Tensor:
 def output_cosine(bank: ExpertBank, x: torch.Tensor) -> torch.Tensor:
     """``[E, E]`` cosine of the flattened expert outputs on ``x [N, H]`` (float64 Gram, chunked)."""
     gram = torch.zeros(bank.num_experts, bank.num_experts, dtype=torch.float64)
-    for i in range(0, x.shape[0], CHUNK):
-        o = bank.all_outputs(x[i:i + CHUNK]).double()  # [n, E, H]
+    chunk = max(1, CHUNK_ELEMS // (bank.num_experts * bank.hidden_size))
+    for i in range(0, x.shape[0], chunk):
+        o = bank.all_outputs(x[i:i + chunk]).double()  # [n, E, H]
         gram += torch.einsum("neh,nfh->ef", o, o)
     d = gram.diagonal().clamp_min(1e-300).sqrt()
     return gram / d[:, None] / d[None, :]
