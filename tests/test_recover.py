@@ -189,6 +189,21 @@ def test_recipe_refuses_recovery_with_streaming(tmp_path):
     src.mkdir()
     with pytest.raises(ValueError, match="apply.mode=streaming rewrites the source shards"):
         Recipe.model_validate({"model": str(src), "recovery": "merge", "apply": {"mode": "streaming"}})
+    with pytest.raises(ValueError, match="layer-wise out-of-core recovery is not implemented"):
+        Recipe.model_validate({"model": str(src), "recovery": "compensate", "calibration": {"layerwise": True},
+                               "apply": {"mode": "streaming"}})
+
+
+def test_oneshot_layerwise_in_memory_model_with_recovery():
+    """Layer-wise calibration of a model that is in memory anyway (not a checkpoint folder): recovery
+    runs on it after planning, and its record is in the returned plan."""
+    from moeprune import oneshot
+
+    r = {"calibration": {"num_samples": 4, "seq_len": 32, "batch_size": 4, "layerwise": True},
+         "eval": {"perplexity": None}, "report": False}
+    res = oneshot("tiny:qwen3_moe", recipe=r, recovery="compensate", progress=False)
+    layers = res.plan.meta["recovery"]["layers"]
+    assert layers and all(v["residual_after"] < v["residual_before"] for v in layers.values())
 
 
 def test_cli_run_records_recovery_in_plan_and_card(tmp_path, capsys):
