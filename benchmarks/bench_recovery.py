@@ -38,6 +38,7 @@ RECOVERIES = [  # (label, recovery config or None); every option spelled out in 
     ("compensate down ridge=0.3", {"name": "compensate", "target": "down", "ridge": 0.3}),
     ("compensate down ridge=1", {"name": "compensate", "target": "down", "ridge": 1.0}),
     ("compensate scale ridge=0.01", {"name": "compensate", "target": "scale", "ridge": 1e-2}),
+    ("compensate scale ridge=0.1", {"name": "compensate", "target": "scale", "ridge": 0.1}),
     ("merge align=true", {"name": "merge", "align": True}),
     ("merge align=false", {"name": "merge", "align": False}),
 ]

@@ -61,7 +61,7 @@ class CompensateConfig(RecoveryConfig):
     weights (scale 1), relative to the Gram's mean diagonal, so it is unit-free."""
 
     target: str = "down"
-    ridge: float = 1e-2
+    ridge: float = 0.1
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,7 +70,7 @@ class CompensateConfig(RecoveryConfig):
                              "expert's down projection) or 'scale' (one output scale per kept expert)")
         if not self.ridge >= 0:
             raise ValueError(f"recovery 'compensate': ridge={self.ridge} must be >= 0 (relative ridge; "
-                             "default 1e-2, 0 = plain least squares)")
+                             "default 0.1, 0 = plain least squares)")
 
 
 @register_recovery("merge")
