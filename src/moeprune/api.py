@@ -127,14 +127,16 @@ def kl_to_original(model, tokenizer, cfg: EvalConfig, *, plan: PruningPlan | Non
 
 def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
             recipe: Recipe | MethodConfig | str | os.PathLike | dict | None = None, *,
-            sparsity: float | None = None, output_dir: str | os.PathLike | None = None, tokenizer: Any = None,
-            overwrite: bool = False, progress: bool = True) -> OneshotResult:
+            sparsity: float | None = None, recovery: str | dict | None = None,
+            output_dir: str | os.PathLike | None = None, tokenizer: Any = None, overwrite: bool = False,
+            progress: bool = True) -> OneshotResult:
     """Prune ``model`` in one shot: observe calibration data, plan with the recipe's method, apply
     the plan in place, evaluate, and (with ``output_dir``) save model, stats, plan, results and report.
 
     ``model``: hub id, folder, ``tiny:<model_type>`` or a loaded model (then pass ``tokenizer``).
     ``recipe``: a ``Recipe``, YAML path, method name (``"reap"``) or method config (``REAP()``).
-    ``sparsity`` overrides the recipe's target with an expert sparsity. With ``apply.mode: streaming`` the
+    ``sparsity`` overrides the recipe's target with an expert sparsity; ``recovery`` (``"compensate"``,
+    ``"merge"`` or ``{"name": ..., **options}``) the recipe's recovery step (docs/RECOVERY.md). With ``apply.mode: streaming`` the
     checkpoint folder is rewritten shard by shard (the model is not pruned in memory); add
     ``calibration.layerwise: true`` for models larger than memory (decoder layers stay on disk); the
     result's ``model`` is then the reloaded pruned model when it was evaluated, else None.
@@ -148,7 +150,7 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("oneshot runs in one process; for data-parallel calibration run `moeprune observe` under "
                          "torchrun, then `moeprune plan` and `moeprune apply`")
-    r, method = _run_recipe(model, dataset, recipe, sparsity)
+    r, method = _run_recipe(model, dataset, recipe, sparsity, recovery)
     if r.apply.mode == "streaming" and output_dir is None:
         raise ValueError("apply.mode=streaming rewrites the checkpoint into output_dir/model: pass output_dir")
     if output_dir is None:
@@ -163,10 +165,13 @@ def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
     return res
 
 
-def _run_recipe(model: Any, dataset: str | None, recipe: Any, sparsity: float | None) -> tuple[Recipe, MethodConfig]:
+def _run_recipe(model: Any, dataset: str | None, recipe: Any, sparsity: float | None,
+                recovery: str | dict | None = None) -> tuple[Recipe, MethodConfig]:
     """The recipe with the call's overrides, re-validated as a whole."""
     r, method = resolve_recipe(recipe)
     updates: dict[str, Any] = {}
+    if recovery is not None:
+        updates["recovery"] = {"name": recovery} if isinstance(recovery, str) else dict(recovery)
     if dataset is not None:
         updates["calibration"] = r.calibration.model_copy(update={"dataset": str(dataset)})
     if sparsity is not None:
@@ -251,7 +256,7 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
         if out:
             plan.save(os.path.join(out, "plan.json"))
         apply_fn = _apply_streaming if r.apply.mode == "streaming" else _apply_in_memory
-        m = apply_fn(model, m, tok, r, plan, out, results, progress)
+        m, plan = apply_fn(model, m, tok, r, plan, out, results, progress)
     finally:
         if out and results:
             _write_json(os.path.join(out, "eval.json"), {**results, "seconds": round(time.time() - t0, 2)})
@@ -266,6 +271,18 @@ def _eval_into(results: dict[str, Any], key: str, fn: Callable[[dict[str, Any]],
     fn(results[key])
 
 
+def _recover(m, tok, r: Recipe, plan: PruningPlan, out) -> PruningPlan:
+    """The recipe's recovery step on the unpruned ``m`` (in place); the plan with its record, saved."""
+    from moeprune.observe.calibration import calibration_batches
+    from moeprune.recover import recover, with_record
+
+    batches, _ = calibration_batches(tok, r.calibration)
+    plan = with_record(plan, recover(m, plan, batches, r.recovery.build()))
+    if out:
+        plan.save(os.path.join(out, "plan.json"))
+    return plan
+
+
 def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
     from moeprune.apply import apply_plan, save_pruned
 
@@ -273,8 +290,19 @@ def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
     summary = {"method": plan.method, "expert_sparsity": plan.expert_sparsity()}
     if evaluate:
         _eval_into(results, "original", lambda d: measure(m, tok, r.eval, progress=progress, into=d))
-    kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate else {}
+    reference = None
+    if r.recovery is not None:  # recovery changes m: KL then needs the original as a second copy
+        import copy
+
+        reference = copy.deepcopy(m) if evaluate and r.eval.kl and eval_text(r.eval) is not None else None
+        plan = _recover(m, tok, r, plan, out)
+        summary["recovery"] = r.recovery.name
+    kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate and reference is None \
+        and r.recovery is None else {}
     apply_plan(m, plan)
+    if reference is not None:
+        kl = kl_to_original(reference, tok, r.eval, pruned=m, progress=progress)
+        del reference
     if evaluate:
         def pruned(d: dict[str, Any]) -> None:
             d.update(kl, **summary)
@@ -283,7 +311,7 @@ def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
         _eval_into(results, "pruned", pruned)
     if out and r.apply.save:
         save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok, max_shard_size=r.apply.max_shard_size)
-    return m
+    return m, plan
 
 
 def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
@@ -297,7 +325,7 @@ def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
     path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
                               progress=progress)
     if not evaluate:
-        return None
+        return None, plan
     pruned, _ = load_model(path, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
 
     def measure_pruned(d: dict[str, Any]) -> None:
@@ -306,7 +334,7 @@ def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
         d.update(kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress))
 
     _eval_into(results, "pruned", measure_pruned)
-    return pruned
+    return pruned, plan
 
 
 def _write_reports(out: str, r: Recipe, plan: PruningPlan, results: dict[str, Any]) -> None:

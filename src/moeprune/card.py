@@ -29,6 +29,19 @@ def _hub_id(model: str) -> str | None:
     return model
 
 
+def recovery_line(plan: PruningPlan) -> str:
+    """``none``, or the step, its options and the mean calibration residual before -> after."""
+    rec = plan.meta.get("recovery")
+    if not rec:
+        return "none"
+    lay = list(rec.get("layers", {}).values())
+    opts = {k: v for k, v in rec.items() if k not in ("name", "layers", "fit_inputs")}
+    res = (f"; calibration residual (mean over {len(lay)} layers) "
+           f"{sum(v['residual_before'] for v in lay) / len(lay):.4g} -> "
+           f"{sum(v['residual_after'] for v in lay) / len(lay):.4g}") if lay else ""
+    return f"`{rec['name']}` {opts}{res} (docs/RECOVERY.md)"
+
+
 def card_data(recipe: Any) -> ModelCardData:
     """Hub metadata: base_model (hub ids only), library, pipeline and tags."""
     return ModelCardData(base_model=_hub_id(str(recipe.model)), library_name="transformers",
@@ -57,6 +70,7 @@ def model_card(recipe: Any, plan: PruningPlan, results: dict[str, Any] | None = 
         (f"* experts kept: {sum(kept.values())} of {total} (expert sparsity {plan.expert_sparsity():.1%}), "
          f"{'uniform' if plan.is_uniform else 'non-uniform'} across layers"),
         f"* neurons pruned inside experts: {'yes' if plan.has_neurons else 'no'}",
+        f"* recovery after pruning: {recovery_line(plan)}",
         f"* calibration: {c.dataset}, {c.num_samples} samples x {c.seq_len} tokens, seed {c.seed}",
         "", "## Loading", "", "```python", *_loading(plan, model_path or "path/to/model"), "```",
         "", "## Kept experts per layer", "", "| layer | kept | of |", "|---|---|---|",

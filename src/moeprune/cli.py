@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="recipe YAML (defaults when omitted)")
     s.add_argument("out")
     s.add_argument("--set", action="append", default=[], help="override, e.g. target.expert_sparsity=0.25")
+    s.add_argument("--recovery", default=None, help="recovery after planning: compensate | merge | none "
+                   "(docs/RECOVERY.md)")
+    s.add_argument("--recovery-opt", action="append", default=[], help="recovery option key=value, e.g. target=scale")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run)

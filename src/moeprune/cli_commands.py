@@ -23,15 +23,34 @@ def _kv(items: list[str]) -> dict:
     return apply_overrides({}, items)
 
 
+def recovery_overrides(name: str | None, opts: list[str]) -> list[str]:
+    """``--recovery NAME --recovery-opt k=v`` as recipe overrides (parsed by ``recipe.apply_overrides``)."""
+    if opts and name is None:
+        raise ValueError(f"--recovery-opt {opts[0]} needs --recovery compensate|merge (or change a recipe's "
+                         "recovery with --set recovery.KEY=VALUE)")
+    if name is None:
+        return []
+    if name.lower() in ("none", "null"):
+        return ["recovery=null"]
+    return [f"recovery={{name: {name}}}"] + [f"recovery.{o}" for o in opts]
+
+
 def cmd_run(a) -> None:
     from moeprune.api import oneshot
     from moeprune.recipe import Recipe, apply_overrides
 
-    recipe = Recipe.load(a.config, a.set) if a.config else Recipe.model_validate(apply_overrides({}, a.set))
+    sets = a.set + recovery_overrides(a.recovery, a.recovery_opt)
+    recipe = Recipe.load(a.config, sets) if a.config else Recipe.model_validate(apply_overrides({}, sets))
     res = oneshot(recipe.model, recipe=recipe, output_dir=a.out, overwrite=a.overwrite, progress=not a.quiet)
     pr = res.eval.get("pruned", {}) if res.eval else {}
     orig = res.eval.get("original", {}) if res.eval else {}
     print(f"plan: {res.plan.method}, expert sparsity {res.plan.expert_sparsity():.1%}, kept {res.plan.kept_counts()}")
+    rec = res.plan.meta.get("recovery")
+    if rec:
+        lay = rec["layers"].values()
+        print(f"recovery: {rec['name']}, calibration residual (mean over layers) "
+              f"{sum(v['residual_before'] for v in lay) / max(len(lay), 1):.4f} -> "
+              f"{sum(v['residual_after'] for v in lay) / max(len(lay), 1):.4f}")
     if "ppl" in orig:
         print(f"perplexity: original {orig['ppl']:.3f} -> pruned {pr.get('ppl', float('nan')):.3f}; "
               f"KL {pr.get('kl', float('nan')):.4f}")

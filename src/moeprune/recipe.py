@@ -125,6 +125,22 @@ class MethodSpec(BaseModel):
         return get_method(self.name, **self.options())
 
 
+class RecoverySpec(BaseModel):
+    """``name`` (compensate | merge) plus the step's own options (validated against its config class);
+    see docs/RECOVERY.md."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self):
+        from moeprune.recover import get_recovery
+
+        return get_recovery(self.name, **self.options())
+
+
 class TargetSpec(_Strict):
     """The recipe's ``target``: the field types only; the budget rules (exactly one budget, its range,
     allocation, min_keep) are ``methods.target.Target``'s, checked once by building it."""
@@ -202,6 +218,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     method: MethodSpec = Field(default_factory=MethodSpec)
     target: TargetSpec = Field(default_factory=lambda: TargetSpec(expert_sparsity=0.5))
+    recovery: RecoverySpec | None = Field(None, description="after planning: compensate | merge (null: none)")
     apply: ApplyConfig = Field(default_factory=ApplyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     report: bool = True
@@ -211,6 +228,11 @@ class Recipe(_Strict):
     @classmethod
     def _method_str(cls, v):
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("recovery", mode="before")
+    @classmethod
+    def _recovery_str(cls, v):
+        return None if v in (None, "none", "null") else {"name": v} if isinstance(v, str) else v
 
     @field_validator("dtype")
     @classmethod
@@ -237,6 +259,12 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _method_known(self):
         self.method.build()  # unknown names/options fail here, before any work
+        if self.recovery is not None:
+            self.recovery.build()
+            if self.apply.mode == "streaming":
+                raise ValueError(f"recovery {self.recovery.name!r} changes the kept experts of the model in memory; "
+                                 "apply.mode=streaming rewrites the source shards and cannot carry it: use mode: "
+                                 "structural, or recovery: null (layer-wise out-of-core recovery is not implemented)")
         if self.apply.mode == "streaming" and (self.model.startswith("tiny:") or not os.path.isdir(self.model)):
             raise ValueError(f"apply.mode=streaming rewrites a checkpoint folder; model={self.model!r} is not one "
                              "(use mode: structural)")
