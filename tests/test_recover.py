@@ -180,7 +180,9 @@ def test_options_and_unsupported_families_fail_clearly():
         recover(ds, example_plan(ds), _batches(ds), "merge")
 
 
-def test_recipe_refuses_recovery_with_streaming(tmp_path):
+def test_recipe_accepts_recovery_with_streaming(tmp_path):
+    """Recovery with apply.mode=streaming runs out of core (recover/layerwise.py, tests/test_recover_ooc.py);
+    the recipe used to refuse it (issue #11)."""
     from moeprune.recipe import Recipe
 
     r = Recipe.model_validate({"recovery": "compensate"})
@@ -190,10 +192,13 @@ def test_recipe_refuses_recovery_with_streaming(tmp_path):
         Recipe.model_validate({"recovery": {"name": "merge", "ridge": 1.0}})
     src = tmp_path / "ckpt"
     src.mkdir()
-    with pytest.raises(ValueError, match="apply.mode=streaming rewrites the source shards"):
-        Recipe.model_validate({"model": str(src), "recovery": "merge", "apply": {"mode": "streaming"}})
-    with pytest.raises(ValueError, match="layer-wise out-of-core recovery is not implemented"):
-        Recipe.model_validate({"model": str(src), "recovery": "compensate", "calibration": {"layerwise": True},
+    assert Recipe.model_validate({"model": str(src), "recovery": "merge",
+                                  "apply": {"mode": "streaming"}}).recovery.name == "merge"
+    r = Recipe.model_validate({"model": str(src), "recovery": "compensate", "calibration": {"layerwise": True},
+                               "apply": {"mode": "streaming"}})
+    assert r.recovery.name == "compensate" and r.calibration.layerwise
+    with pytest.raises(ValueError, match="has no option"):  # options are still checked before any work
+        Recipe.model_validate({"model": str(src), "recovery": {"name": "merge", "ridge": 1.0},
                                "apply": {"mode": "streaming"}})
 
 

@@ -39,6 +39,7 @@ from moeprune.recipe import EvalConfig, Recipe
 from moeprune.serving import warn_if_transformers_only
 
 log = logging.getLogger("moeprune")
+RECOVERY_WORK = "recovery-work"  # out-of-core recovery's tensors (in the run folder) until the rewrite read them
 
 
 @dataclass
@@ -207,6 +208,7 @@ def staged_run(out: Path, *, sources: list[str | None], overwrite: bool) -> Iter
 
 def _keep_partial(tmp: Path, out: Path, err: BaseException) -> None:
     shutil.rmtree(tmp / "stats" / "layerwise-work", ignore_errors=True)
+    shutil.rmtree(tmp / RECOVERY_WORK, ignore_errors=True)
     if not any(tmp.iterdir()):
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -283,6 +285,20 @@ def _recover(m, tok, r: Recipe, plan: PruningPlan, out) -> PruningPlan:
     return plan
 
 
+def _recover_out_of_core(model, m, tok, r: Recipe, plan: PruningPlan, out, work) -> tuple[PruningPlan, dict]:
+    """The recipe's recovery step layer by layer (``m`` stays unpruned); the plan with its record, saved,
+    and the recovered tensors for ``rewrite_checkpoint(overrides=...)``."""
+    from moeprune.observe.calibration import calibration_batches
+    from moeprune.recover import with_record
+    from moeprune.recover.layerwise import recover_out_of_core
+
+    batches, _ = calibration_batches(tok, r.calibration)
+    record, overrides = recover_out_of_core(m, plan, batches, r.recovery.build(), model, work)
+    plan = with_record(plan, record)
+    plan.save(os.path.join(out, "plan.json"))
+    return plan, overrides
+
+
 def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
     from moeprune.apply import apply_plan, save_pruned
 
@@ -322,14 +338,23 @@ def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, 
     evaluate = _has_eval(r.eval)
     if evaluate:
         _eval_into(results, "original", lambda d: measure(m, tok, r.eval, progress=progress, into=d))
-    path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
-                              progress=progress)
+    work = os.path.join(out, RECOVERY_WORK)
+    try:
+        overrides: dict[str, str] = {}
+        if r.recovery is not None:
+            plan, overrides = _recover_out_of_core(model, m, tok, r, plan, out, work)
+        path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
+                                  progress=progress, overrides=overrides)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if not evaluate:
         return None, plan
     pruned, _ = load_model(path, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
 
     def measure_pruned(d: dict[str, Any]) -> None:
         d.update(method=plan.method, expert_sparsity=plan.expert_sparsity())
+        if r.recovery is not None:
+            d["recovery"] = r.recovery.name
         measure(pruned, tok, r.eval, progress=progress, into=d)
         d.update(kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress))
 

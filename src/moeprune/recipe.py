@@ -259,12 +259,8 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _method_known(self):
         self.method.build()  # unknown names/options fail here, before any work
-        if self.recovery is not None:
+        if self.recovery is not None:  # with apply.mode=streaming it runs layer by layer (recover/layerwise.py)
             self.recovery.build()
-            if self.apply.mode == "streaming":
-                raise ValueError(f"recovery {self.recovery.name!r} changes the kept experts of the model in memory; "
-                                 "apply.mode=streaming rewrites the source shards and cannot carry it: use mode: "
-                                 "structural, or recovery: null (layer-wise out-of-core recovery is not implemented)")
         if self.apply.mode == "streaming" and (self.model.startswith("tiny:") or not os.path.isdir(self.model)):
             raise ValueError(f"apply.mode=streaming rewrites a checkpoint folder; model={self.model!r} is not one "
                              "(use mode: structural)")

@@ -121,6 +121,22 @@ def _chunks(spec: Spec, f) -> Iterator[torch.Tensor]:
             yield _channels(sl[r * inter : (r + 1) * inter], spec.chan, L, p)
 
 
+def apply_overrides(sources: dict[str, Spec], overrides: dict[str, str]) -> None:
+    """Point the specs of ``overrides``' keys at their override files, checked against the source headers."""
+    unknown = sorted(k for k in overrides if k not in sources)
+    if unknown:
+        raise ValueError(f"overrides name keys {unknown[:4]} that the source checkpoint does not hold; an "
+                         "override replaces an existing tensor (pass on-disk keys)")
+    got = source_specs(dict(overrides))
+    bad = [(k, (s.shape, s.dtype), (sources[k].shape, sources[k].dtype)) for k, s in got.items()
+           if (s.shape, s.dtype) != (sources[k].shape, sources[k].dtype)]
+    if bad:
+        raise ValueError(f"override tensors differ from the source in shape or dtype (key, override, source): "
+                         f"{bad[:4]}; an override must have the source tensor's shape and dtype")
+    for k, s in got.items():
+        sources[k].file = s.file
+
+
 STREAMING_PAD_ONLY = ("--streaming (rewrite_checkpoint) writes ragged neuron plans in the pad layout only "
                       "(narrower experts zero-padded to the widest, no memory saved for the padding)")
 
@@ -136,6 +152,7 @@ def rewrite_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     ragged: str = "auto",
+    overrides: dict[str, str] | None = None,
 ) -> str:
     """Write ``out_dir``: the checkpoint ``src_dir`` pruned by ``plan`` (original expert ids), without
     loading the model. Same folder as ``save_pruned`` of the in-memory pruned model (tensors,
@@ -146,7 +163,11 @@ def rewrite_checkpoint(
 
     Ragged neuron plans are written in the pad layout only (one fused width per layer, narrower
     experts zero-padded): ``ragged="buckets"`` is refused, ``"auto"`` warns when padding wastes
-    memory; the in-memory ``apply_plan`` + ``save_pruned`` writes width buckets instead."""
+    memory; the in-memory ``apply_plan`` + ``save_pruned`` writes width buckets instead.
+
+    ``overrides``: ``{source key: safetensors file}``: those tensors are read from that file instead of the
+    source shard (same shape and dtype required), then sliced by the plan like the source's: how
+    out-of-core recovery (``recover.layerwise``) hands over its recovered weights."""
     src = Path(src_dir).resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint {src} is not a folder")
@@ -159,6 +180,8 @@ def rewrite_checkpoint(
         raise NotImplementedError(STREAMING_PAD_ONLY + "; drop --streaming (rewrite_checkpoint) to apply in memory "
                                   "(apply_plan + save_pruned write width buckets), or pass ragged='pad'")
     sources = source_specs(source_files(src))
+    if overrides:
+        apply_overrides(sources, overrides)
     dtype = dominant_dtype(sources)
     model = _meta_model(src, dtype)
     check_plan(model, plan)  # refuse a plan that does not fit before reading any weight

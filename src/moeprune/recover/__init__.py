@@ -31,7 +31,8 @@ from moeprune.recover.merge import check_mergeable, merge_layer
 from moeprune.recover.routed import check_additive, check_supported, pruned_routed, rel_residual, routed
 
 __all__ = ["RECOVERIES", "CompensateConfig", "MergeConfig", "RecoveryConfig", "as_recovery", "capture_inputs",
-           "get_recovery", "recover", "register_recovery", "with_record"]
+           "get_recovery", "recover", "recover_layer", "recover_out_of_core", "register_recovery",
+           "with_record"]
 log = logging.getLogger("moeprune")
 
 
@@ -63,27 +64,36 @@ def recover(model: nn.Module, plan: PruningPlan, batches=None, cfg: RecoveryConf
     inputs already captured with ``capture_inputs`` (shared by several plans), else captured from
     ``batches``."""
     cfg = as_recovery(cfg)
-    layers = _pruned_layers(plan)
-    banks = build_banks(model, layers) if layers else {}
-    for li, bank in banks.items():  # every refusal before any work
-        check_supported(bank, cfg.name)
-        if isinstance(cfg, MergeConfig):
-            check_mergeable(bank, plan.layers[li])
+    banks = recoverable_banks(model, plan, cfg)
     if inputs is None and banks:
         if batches is None:
             raise ValueError("recover needs calibration batches (or inputs from capture_inputs)")
         inputs = capture_inputs(model, batches, max_tokens=cfg.max_tokens, seed=cfg.seed, max_gb=cfg.max_gb,
-                                layers=layers)
-    out: dict[str, Any] = {}
+                                layers=list(banks))
+    out = {str(li): recover_layer(model, bank, plan, inputs[li], cfg) for li, bank in banks.items()}
+    return recovery_record(cfg, out)
+
+
+def recoverable_banks(model: nn.Module, plan: PruningPlan, cfg: RecoveryConfig) -> dict[int, Any]:
+    """``{layer: ExpertBank}`` of the plan's pruned layers; every refusal happens here, before any work
+    (structure only: works on a model whose decoder layers are on META)."""
+    layers = _pruned_layers(plan)
+    banks = build_banks(model, layers) if layers else {}
     for li, bank in banks.items():
-        out[str(li)] = recover_layer(model, bank, plan, inputs[li], cfg)
-        log.info("recovery %s layer %d: calibration residual %.4g -> %.4g", cfg.name, li,
-                 out[str(li)]["residual_before"], out[str(li)]["residual_after"])
-    return {**cfg.to_dict(), "fit_inputs": "unpruned model's MoE-block inputs", "layers": out}
+        check_supported(bank, cfg.name)
+        if isinstance(cfg, MergeConfig):
+            check_mergeable(bank, plan.layers[li])
+    return banks
+
+
+def recovery_record(cfg: RecoveryConfig, layers: dict[str, dict]) -> dict[str, Any]:
+    """What goes into ``plan.meta["recovery"]`` (the same for the in-memory and out-of-core routes)."""
+    return {**cfg.to_dict(), "fit_inputs": "unpruned model's MoE-block inputs", "layers": layers}
 
 
 def recover_layer(model: nn.Module, bank, plan: PruningPlan, x: torch.Tensor, cfg: RecoveryConfig) -> dict:
-    """One layer: target, plain-pruning residual, the fit, the residual with the written weights."""
+    """One layer in place, given its captured MoE-block inputs ``x [N, H]``: target, plain-pruning
+    residual, the fit, the residual with the written weights. The per-layer entry of both routes."""
     x = x.to(next(bank.experts.parameters()).device)
     full = routed(bank, x)
     pruned = pruned_routed(model, bank, plan, x)
@@ -94,4 +104,13 @@ def recover_layer(model: nn.Module, bank, plan: PruningPlan, x: torch.Tensor, cf
     else:
         rec = merge_layer(bank, plan.layers[bank.layer], full, cfg.align)
     after = rel_residual(full.y, pruned_routed(model, bank, plan, x).y)
+    log.info("recovery %s layer %d: calibration residual %.4g -> %.4g", cfg.name, bank.layer, before, after)
     return {"tokens": int(x.shape[0]), "residual_before": round(before, 8), "residual_after": round(after, 8), **rec}
+
+
+def __getattr__(name: str):
+    if name == "recover_out_of_core":  # lazy: recover.layerwise imports the observe pass helpers
+        from moeprune.recover.layerwise import recover_out_of_core
+
+        return recover_out_of_core
+    raise AttributeError(name)

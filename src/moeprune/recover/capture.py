@@ -32,20 +32,40 @@ def pick_tokens(batches: list, max_tokens: int, seed: int) -> tuple[int, torch.T
     return total, perm.sort().values
 
 
-def estimate_bytes(model: nn.Module, num_tokens: int) -> int:
-    """Bytes the captured inputs take: layers x tokens x hidden x the model dtype."""
-    blocks = list(iter_moe_blocks(model))
+def estimate_bytes(model: nn.Module, num_tokens: int, num_layers: int | None = None) -> int:
+    """Bytes the captured inputs take: layers (all MoE blocks by default) x tokens x hidden x the model dtype."""
+    n = len(list(iter_moe_blocks(model))) if num_layers is None else num_layers
     hidden = int(model.config.get_text_config().hidden_size)
     p = next(model.parameters())
-    return len(blocks) * num_tokens * hidden * p.element_size()
+    return n * num_tokens * hidden * p.element_size()
 
 
-def check_size(model: nn.Module, num_tokens: int, max_gb: float) -> None:
-    need = estimate_bytes(model, num_tokens)
+def check_size(model: nn.Module, num_tokens: int, max_gb: float, num_layers: int | None = None) -> None:
+    """``num_layers``: how many layers' inputs are held at once (the out-of-core route holds one)."""
+    need = estimate_bytes(model, num_tokens, num_layers)
     if need > max_gb * 2**30:
         raise ValueError(f"recovery would capture {need / 2**30:.2f} GB of MoE-block inputs ({num_tokens} tokens "
                          f"per layer), above recovery.max_gb={max_gb}; lower recovery.max_tokens or raise "
                          "recovery.max_gb")
+
+
+def batch_rows(batches: list, chosen: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per batch, the flat positions in ``[B*L]`` of its chosen tokens (None: none chosen in it)."""
+    out: list[torch.Tensor | None] = []
+    start = 0
+    for b in batches:
+        flat = torch.nonzero(_valid(b)[1].reshape(-1)).reshape(-1)  # positions of valid tokens in [B*L]
+        n = flat.numel()
+        lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + n])).tolist()
+        out.append(None if lo == hi else flat[chosen[lo:hi] - start])
+        start += n
+    return out
+
+
+def model_inputs(batch: dict | torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forward inputs the capture pass gives the model for one calibration batch."""
+    ids, valid = _valid(batch)
+    return {"input_ids": ids, "attention_mask": valid.long()}
 
 
 @torch.no_grad()
@@ -73,18 +93,13 @@ def capture_inputs(model: nn.Module, batches: Iterable, *, max_tokens: int = 409
         return pre
 
     handles = [blk.register_forward_pre_hook(hook(li), with_kwargs=True) for li, blk in found]
-    dev, start = input_device(model), 0
+    dev = input_device(model)
     try:
-        for b in batches:
-            ids, valid = _valid(b)
-            flat = torch.nonzero(valid.reshape(-1)).reshape(-1)  # positions of valid tokens in [B*L]
-            n = flat.numel()
-            lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + n])).tolist()
-            start += n
-            if lo == hi:
+        for b, rows in zip(batches, batch_rows(batches, chosen)):
+            if rows is None:
                 continue
-            state["rows"] = flat[chosen[lo:hi] - (start - n)]
-            model(input_ids=ids.to(dev), attention_mask=valid.long().to(dev), use_cache=False)
+            state["rows"] = rows
+            model(**{k: v.to(dev) for k, v in model_inputs(b).items()}, use_cache=False)
     finally:
         for h in handles:
             h.remove()
