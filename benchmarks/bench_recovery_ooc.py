@@ -2,7 +2,8 @@
 
 Builds a random bf16 Qwen3-MoE checkpoint (per-expert keys on disk), runs ``oneshot`` twice in fresh
 subprocesses on it with the same recipe and ``recovery: compensate``: once in memory (structural apply), once
-out of core (``calibration.layerwise: true`` + ``apply.mode: streaming``), and prints each run's wall time and
+out of core (``calibration.layerwise: true`` + ``apply.mode: streaming``), plus the out-of-core run without
+recovery as a baseline, and prints each run's wall time and
 peak RSS, the largest decoder layer's bytes, and how far the two pruned checkpoints' logits are apart.
 
     nice -n 5 python benchmarks/bench_recovery_ooc.py [--workdir /tmp/moeprune_bench_rooc] [--layers 8]
@@ -39,15 +40,17 @@ def build(workdir: str, layers: int, experts: int, hidden: int, inter: int) -> s
     return src
 
 
-def child(src: str, out: str, ooc: bool) -> None:
+def child(src: str, out: str, mode: str) -> None:
     from moeprune import oneshot
+
+    ooc = mode != "mem"
 
     recipe = {"model": src, "dtype": "bfloat16", "method": {"name": "reap"},
               "calibration": {"dataset": "builtin:stdlib", "num_samples": 16, "seq_len": 256, "batch_size": 4,
                               "layerwise": ooc},
               "eval": {"perplexity": None}, "report": False, **({"apply": {"mode": "streaming"}} if ooc else {})}
     t0 = time.time()
-    oneshot(src, recipe=recipe, sparsity=0.5, recovery="compensate", output_dir=out, progress=False)
+    oneshot(src, recipe=recipe, sparsity=0.5, recovery=None if mode == "ooc-none" else "compensate", output_dir=out, progress=False)
     print(json.dumps({"seconds": round(time.time() - t0, 1),
                       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 
@@ -74,13 +77,13 @@ def main() -> None:
     ap.add_argument("--child", nargs=3)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], a.child[2] == "ooc")
+        child(*a.child)
         return
     os.makedirs(a.workdir, exist_ok=True)
     src = build(a.workdir, a.layers, a.experts, a.hidden, a.inter)
     size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
     res = {"checkpoint_mib": round(size / 2**20)}
-    for mode in ("mem", "ooc"):
+    for mode in ("mem", "ooc", "ooc-none"):  # ooc-none: the out-of-core run without recovery (baseline)
         out = os.path.join(a.workdir, mode)
         shutil.rmtree(out, ignore_errors=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
