@@ -49,12 +49,15 @@ def _source(tmp_path, arch, dtype):
     return src
 
 
-@pytest.mark.parametrize("arch,dtype,cfg", [
-    ("mixtral", torch.float32, "compensate"), ("mixtral", torch.bfloat16, "merge"),
-    ("qwen3_moe", torch.bfloat16, "compensate"), ("qwen3_moe", torch.float32, "merge"),
-    ("qwen3_moe", torch.bfloat16, {"name": "compensate", "target": "scale", "max_tokens": 40}),
+@pytest.mark.filterwarnings("ignore:--streaming .* pad layout")  # the ragged neuron case, expected
+@pytest.mark.parametrize("arch,dtype,cfg,neurons", [
+    ("mixtral", torch.float32, "compensate", False), ("mixtral", torch.bfloat16, "merge", False),
+    ("qwen3_moe", torch.bfloat16, "compensate", False), ("qwen3_moe", torch.float32, "merge", False),
+    ("qwen3_moe", torch.bfloat16, {"name": "compensate", "target": "scale", "max_tokens": 40}, False),
+    ("qwen3_moe", torch.float32, "compensate", True),  # neuron plan: kept channels sliced from the override
+    ("gpt_oss", torch.float32, "compensate", False),  # fused on-disk keys (no reverse conversion)
 ])
-def test_out_of_core_recovery_equals_in_memory_bitwise(tmp_path, arch, dtype, cfg):
+def test_out_of_core_recovery_equals_in_memory_bitwise(tmp_path, arch, dtype, cfg, neurons):
     src = _source(tmp_path, arch, dtype)
     before = _digest(src)
     # the experts kernel of load_layerwise_model's default ("auto" = eager on CPU); grouped_mm rounds
@@ -63,10 +66,10 @@ def test_out_of_core_recovery_equals_in_memory_bitwise(tmp_path, arch, dtype, cf
     # from_pretrained memory-maps (8-byte aligned tensors; CPU GEMMs may pick other kernels by alignment,
     # seen in bf16 here); the lazy layers are fresh aligned allocations: align the reference the same way
     realign_tensors_(ref)
-    plan = example_plan(ref)
+    plan = example_plan(ref, neurons=neurons)
     batches = _batches(ref.config.vocab_size)
     rec_mem = recover(ref, plan, batches, cfg)
-    apply_plan(ref, plan)
+    apply_plan(ref, plan, ragged="pad")  # the streaming rewrite's layout for ragged neuron plans
     save_pruned(ref, tmp_path / "mem", plan=with_record(plan, rec_mem))
 
     lazy, _ = load_layerwise_model(str(src), dtype=dtype)
