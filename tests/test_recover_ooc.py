@@ -158,3 +158,27 @@ def test_oneshot_streaming_recovery_equals_structural(tmp_path, layerwise):
     a, b = load_pruned(tmp_path / "mem" / "model"), load_pruned(tmp_path / "ooc" / "model")
     ids = torch.randint(3, 200, (2, 20), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_logits(a, ids), _logits(b, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_work_folder_is_removed_when_the_rewrite_fails(tmp_path, monkeypatch):
+    """A failed run keeps its partial results in <out>.failed, without the recovered-tensor work folder."""
+    from moeprune import oneshot
+    from moeprune.apply import streaming
+
+    src = _source(tmp_path, "qwen3_moe", torch.float32)
+    seen = {}
+
+    def boom(src_dir, plan, out_dir, **kw):
+        seen["files"] = sorted({os.path.basename(f) for f in kw["overrides"].values()})
+        seen["existed"] = all(os.path.isfile(f) for f in kw["overrides"].values())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(streaming, "rewrite_checkpoint", boom)
+    recipe = {"model": str(src), "calibration": {"num_samples": 2, "seq_len": 32, "batch_size": 2, "layerwise": True},
+              "apply": {"mode": "streaming"}, "eval": {"perplexity": None}, "report": False}
+    with pytest.raises(OSError, match="disk full"):
+        oneshot(str(src), recipe=recipe, recovery="compensate", output_dir=tmp_path / "run", progress=False)
+    assert seen["existed"] and seen["files"]  # the overrides were handed over ...
+    failed = tmp_path / "run.failed"
+    assert (failed / "plan.json").is_file() and not (failed / "recovery-work").exists()  # ... and removed
+    assert json.loads((failed / "plan.json").read_text())["meta"]["recovery"]["name"] == "compensate"
