@@ -14,9 +14,10 @@ How per-slot outputs are obtained without doubling the expert FLOPs:
   CPU; ``eager``; ``batched_mm``) once on (token, slot) rows with weight 1, which gives bitwise the
   per-slot outputs the real call computes, then replays that implementation's weighting and summation in
   the model dtype (``observe/native.py``). Model outputs are BITWISE those of a plain forward, in every
-  dtype. The replay is checked bitwise against the real call on a block's first call; where it differs
-  the block falls back to the hooks path (logged once, in ``fallbacks``). The implementation is restored
-  on exit.
+  dtype. The replay is checked bitwise against the real call once per process and ``replay_key``
+  (implementation, experts class, dtypes, device type, width, top-k: one extra experts call per process,
+  not per layer or per calibration); where it differs the blocks of that key fall back to the hooks path
+  (logged, in ``fallbacks``). The implementation is restored on exit.
 * other classes (DBRX, LongCat, or ``implementation="hooks"``) use a pre-hook on ``experts`` that binds the
   forward signature and a post-hook that recomputes the per-slot outputs on the side (bit-identical model
   outputs, twice the expert FLOPs); decorated classes recompute them with their own implementation
@@ -41,11 +42,22 @@ from torch import nn
 
 from moeprune.observe import native
 from moeprune.observe.experts import ExpertBank, build_banks, model_adapter
-from moeprune.observe.record import MoERecord, work_dtype
+from moeprune.observe.record import MoERecord
 
 log = logging.getLogger(__name__)
 IMPL_NAME = "moeprune_capture"
 _ACTIVE: dict[int, tuple[MoECapture, ExpertBank]] = {}  # id(experts module) -> owner while capturing
+TAP, REPLAY = "tap", "replay"  # how a registered implementation's per-slot outputs are obtained (native.py)
+# Decided on the first call of each replay_key in the process: TAP, REPLAY, or why both differ (hooks path).
+_MODES: dict[tuple, str] = {}
+
+
+def replay_key(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple:
+    """What the exactness of a tap or a replay can depend on: the implementation's code (function and experts
+    class), dtypes, device type, hidden width and top-k (not the token count: each (token, slot) row is
+    computed and combined independently of the others)."""
+    return (native.own_function(mod, impl), type(mod), hidden.dtype, w.dtype, hidden.device.type,
+            int(hidden.shape[-1]), int(idx.shape[-1]))
 
 
 def _capture_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
@@ -63,6 +75,41 @@ def _register_impl() -> None:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     if IMPL_NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(IMPL_NAME, _capture_experts_forward)
+
+
+def _tapped(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """``(out, f, pos, None)`` from one tapped call of the model's own implementation, or None."""
+    got = native.tap(mod, impl, hidden, idx, w)
+    return None if got is None else (*got, None)
+
+
+def _replayed(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """``(out, f, pos, rows)``: per-slot outputs from ``native.expand`` and the replayed combine."""
+    f, pos, rows = native.expand(mod, impl, hidden.reshape(-1, hidden.shape[-1]), idx, w.dtype)
+    return native.combine(impl, f, idx, w, hidden.dtype), f, pos, rows
+
+
+def _decide(key: tuple, mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor,
+            w: torch.Tensor) -> tuple | None:
+    """First call of ``key`` in the process: compare the tap (its output, and its rows recombined), else the
+    replay, bitwise with the model's own call; record the mode in ``_MODES``. Returns the checked
+    ``(out, f, pos, rows)`` for this call, or None (hooks path)."""
+    with torch.no_grad():
+        real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(hidden.shape[0], -1)
+        tapped = _tapped(mod, impl, hidden, idx, w)
+        if tapped is not None:
+            out, f, pos, _ = tapped
+            if torch.equal(out.reshape(real.shape), real) and torch.equal(
+                    native.recombine(f, pos, idx, w, hidden.dtype), real):
+                _MODES[key] = TAP
+                return tapped
+        got = _replayed(mod, impl, hidden, idx, w)
+    if torch.equal(got[0], real):
+        _MODES[key] = REPLAY
+        return got
+    _MODES[key] = (f"replaying experts implementation {impl or 'eager'!r} in {hidden.dtype} differs from the "
+                   "model's own call")
+    return None
 
 
 def _first_logits(out, sizes: tuple[int, ...]) -> torch.Tensor:
@@ -115,7 +162,6 @@ class MoECapture:
         self._pending: dict[int, Any] = {}
         self._x: dict[int, torch.Tensor] = {}
         self._resid: dict[int, torch.Tensor | str] = {}
-        self._verified: set[int] = set()
         self.fallbacks: dict[str, str] = {}  # block name -> why it runs the hooks path (logged once)
 
     # ---------------------------------------------------------------- batch bookkeeping
@@ -306,36 +352,41 @@ class MoECapture:
 
     def _run_experts(self, bank: ExpertBank, mod: nn.Module, hidden: torch.Tensor, idx: torch.Tensor,
                      w: torch.Tensor) -> torch.Tensor:
-        """The registered implementation: per-slot outputs once, then the model's own combine (bitwise the
-        plain forward; checked on the block's first call, else the block falls back to the hooks path)."""
+        """The registered implementation: the model's own call tapped for its per-slot outputs, or per-slot
+        outputs once and the model's own combine replayed (bitwise the plain forward: checked on the first call
+        of its ``replay_key`` in the process, else the hooks path)."""
         x = hidden.reshape(-1, hidden.shape[-1])
         impl = self._orig_impl.get(bank.layer)
         if bank.name in self.fallbacks:
             out = native.own_function(mod, impl)(mod, hidden, idx, w)
             self._emit_native(bank, mod, impl, x, idx, w, out)
             return out
-        f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
-        out = native.combine(impl, f, idx, w, hidden.dtype)
-        if bank.layer not in self._verified:
-            self._verified.add(bank.layer)
-            with torch.no_grad():
-                real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(out.shape)
-            if not torch.equal(real, out):
-                self.fallbacks[bank.name] = (f"replaying experts implementation {impl or 'eager'!r} in {x.dtype} "
-                                             "differs from the model's own call")
-                log.warning("observe: MoE block %s: %s; this block uses the hooks path (model output from the "
-                            "model's own call, per-slot outputs recomputed: twice the expert FLOPs)",
-                            bank.name, self.fallbacks[bank.name])
-                out = real
-        self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
-                   routed=out.to(work_dtype(out.dtype, w.dtype)))
+        key = replay_key(mod, impl, hidden, idx, w)
+        mode = _MODES.get(key)
+        got = _decide(key, mod, impl, hidden, idx, w) if mode is None else None
+        mode = _MODES[key]
+        if mode not in (TAP, REPLAY):
+            self._fall_back(bank, mode)
+            return self._run_experts(bank, mod, hidden, idx, w)
+        if got is None:
+            got = _tapped(mod, impl, hidden, idx, w) if mode == TAP else _replayed(mod, impl, hidden, idx, w)
+        if got is None:
+            raise RuntimeError(f"{bank.name}: experts implementation {impl!r} recorded no per-slot outputs this "
+                               "call (it did on its first); observe with implementation='hooks'")
+        out, f, pos, rows = got
+        self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows, routed=out)
         return out.view(hidden.shape)
+
+    def _fall_back(self, bank: ExpertBank, why: str) -> None:
+        self.fallbacks[bank.name] = why
+        log.warning("observe: MoE block %s: %s; this block uses the hooks path (model output from the model's "
+                    "own call, per-slot outputs recomputed: twice the expert FLOPs)", bank.name, why)
 
     def _emit_native(self, bank: ExpertBank, mod: nn.Module, impl: str | None, x, idx, w, out) -> None:
         """Hooks path of a decorated class: ``out`` is the model's own output; per-slot values from ``impl``."""
         f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
         self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
-                   routed=out.reshape(x.shape[0], -1).to(work_dtype(out.dtype, w.dtype)))
+                   routed=out.reshape(x.shape[0], -1))
 
     def _inter(self, bank: ExpertBank, x, idx, pos) -> torch.Tensor | None:
         """``[S, I]`` intermediates in the slot layout ``pos`` (None: token-major), recomputed by ``ExpertBank``

@@ -14,10 +14,21 @@ replays the implementation's own weighting and summation in the model dtype:
 * ``grouped_mm`` / ``batched_mm`` (and any other registered function): token-major rows
   (``repeat_interleave``), ``f * w`` then ``view(T, k, H).sum(1)`` cast to the model dtype.
 
-``capture.py`` checks the replay bitwise against the real call once per block and falls back to the
-hooks path (model output from the real call, per-slot outputs from ``expand``) where it differs.
+Faster, where the implementation allows it (``tap``): the registered ``grouped_mm`` / ``batched_mm``
+functions pass the per-slot down-projection output through ``self.post_expert_norm`` (when
+``self.has_post_expert_norm``) right before weighting it. Calling the function ONCE on the real inputs with
+a stand-in ``self`` (:class:`_Tap`: every attribute read goes to the module, the post-norm slot applies the
+module's own norm if it has one and records its result) returns the real output, computed by the real code,
+and the per-slot outputs it weighted: no second expert pass, no replay. The recorded rows are in the
+function's slot order (``TAP_LAYOUT``: sorted by expert for grouped_mm, token-major for batched_mm).
+
+``capture.py`` checks once per process and key (``capture.replay_key``) that the tapped rows recombine
+bitwise to the real output (else the expand path), and that the expand path's replay does (else the hooks
+path: model output from the real call, per-slot outputs from ``expand``).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -63,3 +74,71 @@ def combine(impl: str | None, f: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
             out.index_add_(0, token_idx, cur.to(dtype))
         return out
     return (f.view(t, k, -1) * w.reshape(t, k, 1)).sum(dim=1).to(dtype)
+
+
+class _Tap:
+    """Stand-in ``self`` for a registered experts function: attribute reads go to ``mod``; the post-expert
+    norm slot is always taken, applies ``mod``'s own norm where it has one and records the result."""
+
+    has_post_expert_norm = True
+
+    def __init__(self, mod: nn.Module):
+        object.__setattr__(self, "_mod", mod)
+        object.__setattr__(self, "rows", [])
+
+    def __getattr__(self, name: str):
+        return getattr(self._mod, name)
+
+    def post_expert_norm(self, y: torch.Tensor) -> torch.Tensor:
+        if self._mod.has_post_expert_norm:
+            y = self._mod.post_expert_norm(y)
+        self.rows.append(y)
+        return y
+
+
+def _sorted_pos(idx: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's slot order: ``torch.sort`` of the flat expert ids, the same call on the same tensor."""
+    return torch.sort(idx.reshape(-1))[1]
+
+
+def _token_major(idx: torch.Tensor) -> None:
+    return None
+
+
+@functools.cache
+def tap_layouts() -> dict:
+    """Registered function -> its slot order (``pos [S]`` with ``pos[s] = t * k + j``, or None: token-major)."""
+    from transformers.integrations import moe
+    layouts = {}
+    for name, layout in (("grouped_mm_experts_forward", _sorted_pos), ("batched_mm_experts_forward", _token_major)):
+        fn = getattr(moe, name, None)
+        if fn is not None:
+            layouts[fn] = layout
+    return layouts
+
+
+def tap(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """``(out, f [S, H], pos [S] or None)`` from ONE call of ``impl``'s registered function, or None where
+    ``impl`` has no known slot order (eager: the class's own forward) or its call recorded no single
+    ``[S, H]`` output. ``out`` is the function's return value; ``f`` the per-slot rows it weighted."""
+    if impl in EAGER:
+        return None
+    fn = own_function(mod, impl)
+    layout = tap_layouts().get(fn)
+    if layout is None:
+        return None
+    stand_in = _Tap(mod)
+    with torch.no_grad():
+        out = fn(stand_in, hidden, idx, w)
+    rows = stand_in.rows
+    if len(rows) != 1 or rows[0].shape != (idx.numel(), hidden.shape[-1]):
+        return None
+    return out, rows[0], layout(idx)
+
+
+def recombine(f: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, w: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H]`` token-major ``sum_k w * f`` of tapped rows (grouped_mm / batched_mm operation order)."""
+    if pos is not None:
+        f = torch.empty_like(f).index_copy_(0, pos, f)
+    return combine("grouped_mm", f, idx, w, dtype)

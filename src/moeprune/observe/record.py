@@ -97,11 +97,14 @@ class MoERecord:
     @property
     def routed(self) -> torch.Tensor:
         """``[T, H]`` routed output ``sum_k g * f`` (shared experts excluded), float32 or float64: the experts
-        module's own output upcast where the capture has it, else summed here from the slots."""
+        module's own output (kept in the model dtype until asked for) upcast where the capture has it, else
+        summed here from the slots."""
         if self._routed is None:
             dt = work_dtype(self.slot_out.dtype, self.weights.dtype)
             r = torch.zeros(self.x.shape[0], self.slot_out.shape[1], dtype=dt, device=self.slot_out.device)
             self._routed = r.index_add_(0, self.slot_token, self.slot_out.to(dt) * self.slot_weight.to(dt)[:, None])
+        elif self._routed.dtype not in (torch.float32, torch.float64):
+            self._routed = self._routed.to(work_dtype(self._routed.dtype, self.weights.dtype))
         return self._routed
 
     @property
