@@ -137,6 +137,27 @@ class Accumulator:
         return self
 
 
+SLOT_CHUNK_BYTES = 1 << 19  # rows of f per pass of slot_norm_max: the chunk stays in cache across 3 reductions
+
+
+def slot_norm_max(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f [S, H]`` -> ``||f|| [S]`` (working precision), ``max f [S]`` and ``min f [S]`` (f's dtype), in row
+    chunks of ~512 KiB so the three reductions read each chunk from cache, not f three times from memory;
+    no float32 copy of the whole ``f``."""
+    s, h = f.shape
+    rows = max(1, SLOT_CHUNK_BYTES // max(1, h * f.element_size()))
+    if s <= rows:
+        return torch.linalg.vector_norm(fp(f), dim=-1), f.amax(-1), f.amin(-1)
+    nrm = torch.empty(s, dtype=fp(f[:0]).dtype, device=f.device)
+    top, bottom = torch.empty(s, dtype=f.dtype, device=f.device), torch.empty(s, dtype=f.dtype, device=f.device)
+    for i in range(0, s, rows):
+        c = f[i:i + rows]
+        torch.linalg.vector_norm(fp(c), dim=-1, out=nrm[i:i + rows])
+        torch.amax(c, -1, out=top[i:i + rows])
+        torch.amin(c, -1, out=bottom[i:i + rows])
+    return nrm, top, bottom
+
+
 def _routed_slots(rec: MoERecord, num_experts: int) -> torch.Tensor | None:
     """Mask of slots that count (valid token, real expert), or None when all do (no gather needed)."""
     m = rec.slot_valid if rec.valid_index is not None else None
@@ -194,9 +215,7 @@ class RoutedAccumulator(Accumulator):
     def update(self, rec: MoERecord) -> None:
         self._to(rec.idx.device)
         self._begin(rec)
-        f = rec.slot_out  # [S, H]
-        nrm = torch.linalg.vector_norm(fp(f), dim=-1)  # [S]
-        top, bottom = f.amax(-1), f.amin(-1)  # [S] signed max element and min element of each f
+        nrm, top, bottom = slot_norm_max(rec.slot_out)  # [S] ||f||, signed max and min element of each f
         amax = fp(torch.maximum(top, -bottom))  # [S] max_i |f_i| (2 reductions beat aminmax)
         m = _routed_slots(rec, self.num_experts)
         g_soft, g_renorm = reference_gates(rec)

@@ -78,9 +78,10 @@ def _register_impl() -> None:
 
 
 def _tapped(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-    """``(out, f, pos, None)`` from one tapped call of the model's own implementation, or None."""
+    """``(out, f, None, None)`` (token-major slots) from one tapped call of the model's own implementation,
+    or None."""
     got = native.tap(mod, impl, hidden, idx, w)
-    return None if got is None else (*got, None)
+    return None if got is None else (*got, None, None)
 
 
 def _replayed(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
@@ -98,9 +99,9 @@ def _decide(key: tuple, mod: nn.Module, impl: str | None, hidden: torch.Tensor, 
         real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(hidden.shape[0], -1)
         tapped = _tapped(mod, impl, hidden, idx, w)
         if tapped is not None:
-            out, f, pos, _ = tapped
+            out, f, _, _ = tapped
             if torch.equal(out.reshape(real.shape), real) and torch.equal(
-                    native.recombine(f, pos, idx, w, hidden.dtype), real):
+                    native.combine("grouped_mm", f, idx, w, hidden.dtype), real):
                 _MODES[key] = TAP
                 return tapped
         got = _replayed(mod, impl, hidden, idx, w)

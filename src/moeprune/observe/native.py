@@ -19,8 +19,10 @@ functions pass the per-slot down-projection output through ``self.post_expert_no
 ``self.has_post_expert_norm``) right before weighting it. Calling the function ONCE on the real inputs with
 a stand-in ``self`` (:class:`_Tap`: every attribute read goes to the module, the post-norm slot applies the
 module's own norm if it has one and records its result) returns the real output, computed by the real code,
-and the per-slot outputs it weighted: no second expert pass, no replay. The recorded rows are in the
-function's slot order (``TAP_LAYOUT``: sorted by expert for grouped_mm, token-major for batched_mm).
+and the per-slot outputs it weighted: no second expert pass, no replay. The recorded rows come in the
+function's slot order (``tap_layouts``: sorted by expert for grouped_mm, token-major for batched_mm) and are
+put in token-major order (one ``[S, H]`` copy), the order the replay path gives, so that accumulators sum
+in the same order on every path and statistics agree bitwise.
 
 ``capture.py`` checks once per process and key (``capture.replay_key``) that the tapped rows recombine
 bitwise to the real output (else the expand path), and that the expand path's replay does (else the hooks
@@ -118,7 +120,7 @@ def tap_layouts() -> dict:
 
 
 def tap(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-    """``(out, f [S, H], pos [S] or None)`` from ONE call of ``impl``'s registered function, or None where
+    """``(out, f [S, H])`` (token-major slots) from ONE call of ``impl``'s registered function, or None where
     ``impl`` has no known slot order (eager: the class's own forward) or its call recorded no single
     ``[S, H]`` output. ``out`` is the function's return value; ``f`` the per-slot rows it weighted."""
     if impl in EAGER:
@@ -130,15 +132,10 @@ def tap(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tenso
     stand_in = _Tap(mod)
     with torch.no_grad():
         out = fn(stand_in, hidden, idx, w)
-    rows = stand_in.rows
-    if len(rows) != 1 or rows[0].shape != (idx.numel(), hidden.shape[-1]):
-        return None
-    return out, rows[0], layout(idx)
-
-
-def recombine(f: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, w: torch.Tensor,
-              dtype: torch.dtype) -> torch.Tensor:
-    """``[T, H]`` token-major ``sum_k w * f`` of tapped rows (grouped_mm / batched_mm operation order)."""
-    if pos is not None:
-        f = torch.empty_like(f).index_copy_(0, pos, f)
-    return combine("grouped_mm", f, idx, w, dtype)
+        rows = stand_in.rows
+        if len(rows) != 1 or rows[0].shape != (idx.numel(), hidden.shape[-1]):
+            return None
+        f, pos = rows[0], layout(idx)
+        if pos is not None:
+            f = torch.empty_like(f).index_copy_(0, pos, f)
+    return out, f
