@@ -78,10 +78,9 @@ def _register_impl() -> None:
 
 
 def _tapped(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-    """``(out, f, None, None)`` (token-major slots) from one tapped call of the model's own implementation,
-    or None."""
+    """``(out, f, pos, None)`` from one tapped call of the model's own implementation, or None."""
     got = native.tap(mod, impl, hidden, idx, w)
-    return None if got is None else (*got, None, None)
+    return None if got is None else (*got, None)
 
 
 def _replayed(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
@@ -99,9 +98,9 @@ def _decide(key: tuple, mod: nn.Module, impl: str | None, hidden: torch.Tensor, 
         real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(hidden.shape[0], -1)
         tapped = _tapped(mod, impl, hidden, idx, w)
         if tapped is not None:
-            out, f, _, _ = tapped
-            if torch.equal(out.reshape(real.shape), real) and torch.equal(
-                    native.combine("grouped_mm", f, idx, w, hidden.dtype), real):
+            out, f, pos, _ = tapped
+            if torch.equal(out.reshape(real.shape), real) and torch.equal(  # token-major sum_k w * f
+                    native.combine("grouped_mm", native.token_major(f, pos), idx, w, hidden.dtype), real):
                 _MODES[key] = TAP
                 return tapped
         got = _replayed(mod, impl, hidden, idx, w)
@@ -384,8 +383,12 @@ class MoECapture:
                     "own call, per-slot outputs recomputed: twice the expert FLOPs)", bank.name, why)
 
     def _emit_native(self, bank: ExpertBank, mod: nn.Module, impl: str | None, x, idx, w, out) -> None:
-        """Hooks path of a decorated class: ``out`` is the model's own output; per-slot values from ``impl``."""
+        """Hooks path of a decorated class: ``out`` is the model's own output; per-slot values from ``impl``,
+        in the slot order of its tap where it has one (the order the fast path sums in)."""
         f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
+        known, tap_pos = native.tap_layout(mod, impl, idx)
+        if known and tap_pos is not None:  # expand gave token-major rows (pos None)
+            f, rows, pos = f.index_select(0, tap_pos), rows.index_select(0, tap_pos), tap_pos
         self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
                    routed=out.reshape(x.shape[0], -1))
 

@@ -19,10 +19,10 @@ functions pass the per-slot down-projection output through ``self.post_expert_no
 ``self.has_post_expert_norm``) right before weighting it. Calling the function ONCE on the real inputs with
 a stand-in ``self`` (:class:`_Tap`: every attribute read goes to the module, the post-norm slot applies the
 module's own norm if it has one and records its result) returns the real output, computed by the real code,
-and the per-slot outputs it weighted: no second expert pass, no replay. The recorded rows come in the
-function's slot order (``tap_layouts``: sorted by expert for grouped_mm, token-major for batched_mm) and are
-put in token-major order (one ``[S, H]`` copy), the order the replay path gives, so that accumulators sum
-in the same order on every path and statistics agree bitwise.
+and the per-slot outputs it weighted: no second expert pass, no replay, no copy. The rows stay in the
+function's slot order (``tap_layout``: sorted by expert for grouped_mm, token-major for batched_mm); the
+hooks path puts its rows in that same order, so accumulators sum in the same order on both paths and the
+statistics agree bitwise.
 
 ``capture.py`` checks once per process and key (``capture.replay_key``) that the tapped rows recombine
 bitwise to the real output (else the expand path), and that the expand path's replay does (else the hooks
@@ -119,23 +119,34 @@ def tap_layouts() -> dict:
     return layouts
 
 
+def tap_layout(mod: nn.Module, impl: str | None, idx: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """``(known, pos)``: whether ``impl``'s registered function has a known slot order, and that order
+    (``pos[s] = t * k + j`` of its row ``s``; None: token-major)."""
+    layout = None if impl in EAGER else tap_layouts().get(own_function(mod, impl))
+    return (False, None) if layout is None else (True, layout(idx))
+
+
 def tap(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-    """``(out, f [S, H])`` (token-major slots) from ONE call of ``impl``'s registered function, or None where
-    ``impl`` has no known slot order (eager: the class's own forward) or its call recorded no single
-    ``[S, H]`` output. ``out`` is the function's return value; ``f`` the per-slot rows it weighted."""
-    if impl in EAGER:
-        return None
-    fn = own_function(mod, impl)
-    layout = tap_layouts().get(fn)
-    if layout is None:
+    """``(out, f [S, H], pos)`` from ONE call of ``impl``'s registered function: its return value and the
+    per-slot rows it weighted, in its own slot order ``pos`` (see :func:`tap_layout`); None where ``impl``
+    has no known slot order (eager: the class's own forward) or the call recorded no single ``[S, H]``."""
+    known, pos = tap_layout(mod, impl, idx)
+    if not known:
         return None
     stand_in = _Tap(mod)
     with torch.no_grad():
-        out = fn(stand_in, hidden, idx, w)
-        rows = stand_in.rows
-        if len(rows) != 1 or rows[0].shape != (idx.numel(), hidden.shape[-1]):
-            return None
-        f, pos = rows[0], layout(idx)
-        if pos is not None:
-            f = torch.empty_like(f).index_copy_(0, pos, f)
-    return out, f
+        out = own_function(mod, impl)(stand_in, hidden, idx, w)
+    rows = stand_in.rows
+    if len(rows) != 1 or rows[0].shape != (idx.numel(), hidden.shape[-1]):
+        return None
+    return out, rows[0], pos
+
+
+def token_major(f: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``f [S, ...]`` in slot order ``pos`` put in token-major order (a gather by the inverse
+    permutation: ``index_copy_`` is several times slower on CPU)."""
+    if pos is None:
+        return f
+    inv = torch.empty_like(pos)
+    inv[pos] = torch.arange(pos.numel(), device=pos.device)
+    return f.index_select(0, inv)
