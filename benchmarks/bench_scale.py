@@ -161,6 +161,8 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = build(name, args.layers, args.vocab)
+    if args.impl:
+        model.set_experts_implementation(args.impl)
     init_s, resident = time.perf_counter() - t0, rss()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, args.vocab, (1, s), generator=gen) for _ in range(n)]
@@ -196,13 +198,14 @@ def child(args) -> dict:
             p1 = state_bytes(obs, g)
             run_batches(model, bs[n // 2:], obs, progress=False, batch_offset=n // 2)
             p2 = state_bytes(obs, g)
-        obs3, bs3 = recon_observer(model, half, feats(g), **ropts)
-        run_batches(model, bs3, obs3, progress=False)
-        pts = [(n // 2, n // 2 * s, p1), (n, n * s, p2), (n // 2, n // 2 * (s // 2), state_bytes(obs3, g))]
+        recon = obs.recon.meta() if g == "reconstruction" and obs.recon else None
+        del obs, bs
+        obs, bs = recon_observer(model, half, feats(g), **ropts)
+        run_batches(model, bs, obs, progress=False)
+        pts = [(n // 2, n // 2 * s, p1), (n, n * s, p2), (n // 2, n // 2 * (s // 2), state_bytes(obs, g))]
+        del obs, bs
         out["groups"][g] = {"peak": pm.peak, "peak_increase": pm.peak - pm.base, "state_bytes": p2,
-                            "state_points": pts, "fit": fit(pts),
-                            "recon": obs.recon.meta() if g == "reconstruction" and obs.recon else None}
-        del obs, obs3
+                            "state_points": pts, "fit": fit(pts), "recon": recon}
     wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
     for _ in range(args.reps):
         for k, fn in runs.items():
@@ -276,6 +279,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--impl", default=None, help="experts implementation (default: the one transformers picks)")
     ap.add_argument("--recon-tokens", type=int, default=None)
     ap.add_argument("--recon-max-gb", type=float, default=DEFAULT_MAX_GB)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale"))
