@@ -9,14 +9,16 @@ before the block. ``T = batch * seq``; padding tokens are flagged by ``record.va
 How per-slot outputs are obtained without doubling the expert FLOPs:
 
 * classes decorated with ``@use_experts_implementation`` are switched to the registered experts
-  implementation ``"moeprune_capture"`` for the duration of the context: it runs the model's OWN
+  implementation ``"moeprune_capture"`` for the duration of the context. It runs the model's OWN
   implementation (the one the config selected: ``grouped_mm`` by default in transformers 5.x, also on
-  CPU; ``eager``; ``batched_mm``) once on (token, slot) rows with weight 1, which gives bitwise the
-  per-slot outputs the real call computes, then replays that implementation's weighting and summation in
-  the model dtype (``observe/native.py``). Model outputs are BITWISE those of a plain forward, in every
-  dtype. The replay is checked bitwise against the real call once per process and ``replay_key``
+  CPU; ``eager``; ``batched_mm``): ``grouped_mm`` / ``batched_mm`` are called once on the real inputs and
+  tapped for the per-slot rows they weight (``native.tap``: the model's own output, no extra expert work);
+  ``eager`` runs once on (token, slot) rows with weight 1, which gives bitwise the per-slot outputs the real
+  call computes, and its weighting and summation are replayed in the model dtype (``native.expand`` /
+  ``combine``). Model outputs are BITWISE those of a plain forward, in every dtype. The tap (its rows
+  recombined) or the replay is checked bitwise against the real call once per process and ``replay_key``
   (implementation, experts class, dtypes, device type, width, top-k: one extra experts call per process,
-  not per layer or per calibration); where it differs the blocks of that key fall back to the hooks path
+  not per layer or per calibration); where both differ the blocks of that key fall back to the hooks path
   (logged, in ``fallbacks``). The implementation is restored on exit.
 * other classes (DBRX, LongCat, or ``implementation="hooks"``) use a pre-hook on ``experts`` that binds the
   forward signature and a post-hook that recomputes the per-slot outputs on the side (bit-identical model

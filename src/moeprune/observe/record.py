@@ -1,7 +1,7 @@
 """One MoE block call as seen by the capture: token-level tensors plus a flat list of routed slots.
 
 Slots (one per (token, top-k position)) are stored flat in whatever order the expert computation produced
-them (token-major for grouped_mm / batched_mm, slot-major for eager, sorted by expert for DBRX / LongCat),
+them (sorted by expert for grouped_mm and DBRX / LongCat, token-major for batched_mm, slot-major for eager),
 in the model's dtype (the values it really computed; accumulators upcast): ``slot_pos[s] = t * k + j`` says which
 ``[T, k]`` position slot ``s`` is. Accumulators reduce the flat slots directly, so no un-sorting copy is
 paid unless someone asks for the ``[T, k, ...]`` views (``out``, ``inter``).
