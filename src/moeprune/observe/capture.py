@@ -16,9 +16,9 @@ How per-slot outputs are obtained without doubling the expert FLOPs:
   ``eager`` runs once on (token, slot) rows with weight 1, which gives bitwise the per-slot outputs the real
   call computes, and its weighting and summation are replayed in the model dtype (``native.expand`` /
   ``combine``). Model outputs are BITWISE those of a plain forward, in every dtype. The tap (its rows
-  recombined) or the replay is checked bitwise against the real call once per process and ``replay_key``
-  (implementation, experts class, dtypes, device type, width, top-k: one extra experts call per process,
-  not per layer or per calibration); where both differ the blocks of that key fall back to the hooks path
+  recombined) or the replay is checked bitwise against the real call once per process and key
+  (``native.replay_key``: implementation, experts class, dtypes, device type, width, top-k; one extra
+  experts call per process, not per layer or per calibration); where both differ the blocks of that key fall back to the hooks path
   (logged, in ``fallbacks``). The implementation is restored on exit.
 * other classes (DBRX, LongCat, or ``implementation="hooks"``) use a pre-hook on ``experts`` that binds the
   forward signature and a post-hook that recomputes the per-slot outputs on the side (bit-identical model
@@ -49,19 +49,6 @@ from moeprune.observe.record import MoERecord
 log = logging.getLogger(__name__)
 IMPL_NAME = "moeprune_capture"
 _ACTIVE: dict[int, tuple[MoECapture, ExpertBank]] = {}  # id(experts module) -> owner while capturing
-TAP, REPLAY = "tap", "replay"  # how a registered implementation's per-slot outputs are obtained (native.py)
-# Decided on the first call of each replay_key in the process: TAP, REPLAY, or why both differ (hooks path).
-_MODES: dict[tuple, str] = {}
-
-
-def replay_key(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple:
-    """What the exactness of a tap or a replay can depend on: the implementation's code (function and experts
-    class), dtypes, device type, hidden width and top-k (not the token count: each (token, slot) row is
-    computed and combined independently of the others)."""
-    return (native.own_function(mod, impl), type(mod), hidden.dtype, w.dtype, hidden.device.type,
-            int(hidden.shape[-1]), int(idx.shape[-1]))
-
-
 def _capture_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
     """Registered as ``"moeprune_capture"``: per-slot outputs once, then the gate-weighted sum."""
     idx = top_k_index if top_k_index is not None else kwargs.pop("router_indices", None)
@@ -77,41 +64,6 @@ def _register_impl() -> None:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     if IMPL_NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(IMPL_NAME, _capture_experts_forward)
-
-
-def _tapped(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-    """``(out, f, pos, None)`` from one tapped call of the model's own implementation, or None."""
-    got = native.tap(mod, impl, hidden, idx, w)
-    return None if got is None else (*got, None)
-
-
-def _replayed(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-    """``(out, f, pos, rows)``: per-slot outputs from ``native.expand`` and the replayed combine."""
-    f, pos, rows = native.expand(mod, impl, hidden.reshape(-1, hidden.shape[-1]), idx, w.dtype)
-    return native.combine(impl, f, idx, w, hidden.dtype), f, pos, rows
-
-
-def _decide(key: tuple, mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor,
-            w: torch.Tensor) -> tuple | None:
-    """First call of ``key`` in the process: compare the tap (its output, and its rows recombined), else the
-    replay, bitwise with the model's own call; record the mode in ``_MODES``. Returns the checked
-    ``(out, f, pos, rows)`` for this call, or None (hooks path)."""
-    with torch.no_grad():
-        real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(hidden.shape[0], -1)
-        tapped = _tapped(mod, impl, hidden, idx, w)
-        if tapped is not None:
-            out, f, pos, _ = tapped
-            if torch.equal(out.reshape(real.shape), real) and torch.equal(  # token-major sum_k w * f
-                    native.combine("grouped_mm", native.token_major(f, pos), idx, w, hidden.dtype), real):
-                _MODES[key] = TAP
-                return tapped
-        got = _replayed(mod, impl, hidden, idx, w)
-    if torch.equal(got[0], real):
-        _MODES[key] = REPLAY
-        return got
-    _MODES[key] = (f"replaying experts implementation {impl or 'eager'!r} in {hidden.dtype} differs from the "
-                   "model's own call")
-    return None
 
 
 def _first_logits(out, sizes: tuple[int, ...]) -> torch.Tensor:
@@ -356,22 +308,23 @@ class MoECapture:
                      w: torch.Tensor) -> torch.Tensor:
         """The registered implementation: the model's own call tapped for its per-slot outputs, or per-slot
         outputs once and the model's own combine replayed (bitwise the plain forward: checked on the first call
-        of its ``replay_key`` in the process, else the hooks path)."""
+        of its ``native.replay_key`` in the process, else the hooks path)."""
         x = hidden.reshape(-1, hidden.shape[-1])
         impl = self._orig_impl.get(bank.layer)
         if bank.name in self.fallbacks:
             out = native.own_function(mod, impl)(mod, hidden, idx, w)
             self._emit_native(bank, mod, impl, x, idx, w, out)
             return out
-        key = replay_key(mod, impl, hidden, idx, w)
-        mode = _MODES.get(key)
-        got = _decide(key, mod, impl, hidden, idx, w) if mode is None else None
-        mode = _MODES[key]
-        if mode not in (TAP, REPLAY):
+        key = native.replay_key(mod, impl, hidden, idx, w)
+        mode = native.MODES.get(key)
+        got = native.decide(key, mod, impl, hidden, idx, w) if mode is None else None
+        mode = native.MODES[key]
+        if mode not in (native.TAP, native.REPLAY):
             self._fall_back(bank, mode)
             return self._run_experts(bank, mod, hidden, idx, w)
         if got is None:
-            got = _tapped(mod, impl, hidden, idx, w) if mode == TAP else _replayed(mod, impl, hidden, idx, w)
+            run = native.tapped if mode == native.TAP else native.replayed
+            got = run(mod, impl, hidden, idx, w)
         if got is None:
             raise RuntimeError(f"{bank.name}: experts implementation {impl!r} recorded no per-slot outputs this "
                                "call (it did on its first); observe with implementation='hooks'")

@@ -24,7 +24,7 @@ function's slot order (``tap_layout``: sorted by expert for grouped_mm, token-ma
 hooks path puts its rows in that same order, so accumulators sum in the same order on both paths and the
 statistics agree bitwise.
 
-``capture.py`` checks once per process and key (``capture.replay_key``) that the tapped rows recombine
+``decide`` checks once per process and key (``replay_key``) that the tapped rows recombine
 bitwise to the real output (else the expand path), and that the expand path's replay does (else the hooks
 path: model output from the real call, per-slot outputs from ``expand``).
 """
@@ -150,3 +150,51 @@ def token_major(f: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     inv = torch.empty_like(pos)
     inv[pos] = torch.arange(pos.numel(), device=pos.device)
     return f.index_select(0, inv)
+
+
+TAP, REPLAY = "tap", "replay"  # how a registered implementation's per-slot outputs are obtained
+# Decided on the first call of each replay_key in the process: TAP, REPLAY, or why both differ (hooks path).
+MODES: dict[tuple, str] = {}
+
+
+def replay_key(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple:
+    """What the exactness of a tap or a replay can depend on: the implementation's code (function and experts
+    class), dtypes, device type, hidden width and top-k (not the token count: each (token, slot) row is
+    computed and combined independently of the others)."""
+    return (own_function(mod, impl), type(mod), hidden.dtype, w.dtype, hidden.device.type,
+            int(hidden.shape[-1]), int(idx.shape[-1]))
+
+
+def tapped(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """``(out, f, pos, None)`` from one tapped call of the model's own implementation, or None."""
+    got = tap(mod, impl, hidden, idx, w)
+    return None if got is None else (*got, None)
+
+
+def replayed(mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """``(out, f, pos, rows)``: per-slot outputs from ``expand`` and the replayed combine."""
+    f, pos, rows = expand(mod, impl, hidden.reshape(-1, hidden.shape[-1]), idx, w.dtype)
+    return combine(impl, f, idx, w, hidden.dtype), f, pos, rows
+
+
+def decide(key: tuple, mod: nn.Module, impl: str | None, hidden: torch.Tensor, idx: torch.Tensor,
+            w: torch.Tensor) -> tuple | None:
+    """First call of ``key`` in the process: compare the tap (its output, and its rows recombined), else the
+    replay, bitwise with the model's own call; record the mode in ``MODES``. Returns the checked
+    ``(out, f, pos, rows)`` for this call, or None (hooks path)."""
+    with torch.no_grad():
+        real = own_function(mod, impl)(mod, hidden, idx, w).reshape(hidden.shape[0], -1)
+        got = tapped(mod, impl, hidden, idx, w)
+        if got is not None:
+            out, f, pos, _ = got
+            if torch.equal(out.reshape(real.shape), real) and torch.equal(  # token-major sum_k w * f
+                    combine("grouped_mm", token_major(f, pos), idx, w, hidden.dtype), real):
+                MODES[key] = TAP
+                return got
+        got = replayed(mod, impl, hidden, idx, w)
+    if torch.equal(got[0], real):
+        MODES[key] = REPLAY
+        return got
+    MODES[key] = (f"replaying experts implementation {impl or 'eager'!r} in {hidden.dtype} differs from the "
+                   "model's own call")
+    return None
