@@ -206,6 +206,7 @@ def child(args) -> dict:
         del obs, bs
         out["groups"][g] = {"peak": pm.peak, "peak_increase": pm.peak - pm.base, "state_bytes": p2,
                             "state_points": pts, "fit": fit(pts), "recon": recon}
+        print(f"{name}: {g} memory and state done", file=sys.stderr, flush=True)
     wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
     for _ in range(args.reps):
         for k, fn in runs.items():
@@ -239,6 +240,36 @@ def extrapolate(r: dict, recon_max_gb: float | None) -> dict:
     return e
 
 
+def with_ratios(r: dict) -> dict:
+    """Each group's time ratios against the plain forward of ITS run (results of several runs can merge)."""
+    mw, mc = (statistics.median(r[k]["plain"]) for k in ("wall", "cpu"))
+    for g, d in r["groups"].items():
+        if g in r["wall"] and "time_x_wall" not in d:
+            d["time_x_wall"] = statistics.median(r["wall"][g]) / mw
+            d["time_x_cpu"] = statistics.median(r["cpu"][g]) / mc
+    return r
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``--append``: a model measured again with the same layers / batches / tokens gains the new groups (and
+    the new run's plain forward); otherwise the new result replaces the old one."""
+    by = {r["model"]: r for r in old}
+    same = ("layers", "batches", "tokens", "impl", "threads")
+    for r in new:
+        p = by.get(r["model"])
+        if p is not None and all(p[k] == r[k] for k in same):
+            p["groups"].update(r["groups"])
+            p["extrapolated"]["groups"].update(r["extrapolated"]["groups"])
+            for k in ("wall", "cpu"):
+                p[k]["plain"] = r[k]["plain"]
+            p["plain_peak"], p["resident"] = r["plain_peak"], r["resident"]
+            p["extrapolated"]["plain_h"] = r["extrapolated"]["plain_h"]
+            p["seconds"] = p.get("seconds", 0) + r["seconds"]
+        else:
+            by[r["model"]] = r
+    return list(by.values())
+
+
 def fmt_bytes(n: float) -> str:
     for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= f:
@@ -252,7 +283,7 @@ def markdown(results: list[dict], args) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         e = r["extrapolated"]
-        mw, mc = (statistics.median(r[k]["plain"]) for k in ("wall", "cpu"))
+        mw = statistics.median(r["wall"]["plain"])
         lines.append(f"| {r['model']} | {r['impl']} | plain forward ({r['layers']} layers, {r['batches']} x "
                      f"{r['tokens']} tokens: {mw:.2f} s) | 1 | 1 | {fmt_bytes(r['plain_peak'])} | "
                      f"{fmt_bytes(r['plain_peak'] - r['resident'])} | | | | | {e['plain_h']:.3g} |")
@@ -261,8 +292,7 @@ def markdown(results: list[dict], args) -> str:
             full = fmt_bytes(x["state_total"])
             if "state_total_capped" in x:
                 full += f" (cap {fmt_bytes(x['state_total_capped'])})"
-            lines.append(f"| | | {g} | {statistics.median(r['wall'][g]) / mw:.3f} | "
-                         f"{statistics.median(r['cpu'][g]) / mc:.3f} | {fmt_bytes(d['peak'])} | "
+            lines.append(f"| | | {g} | {d['time_x_wall']:.3f} | {d['time_x_cpu']:.3f} | {fmt_bytes(d['peak'])} | "
                          f"{fmt_bytes(d['peak'] - r['resident'])} | {fmt_bytes(d['state_bytes'])} | "
                          f"{fmt_bytes(x['state_per_layer'])} | {x['grows_with']} | {full} | {x['observe_h']:.3g} |")
     return "\n".join(lines) + "\n"
@@ -283,6 +313,8 @@ def main() -> None:
     ap.add_argument("--recon-tokens", type=int, default=None)
     ap.add_argument("--recon-max-gb", type=float, default=DEFAULT_MAX_GB)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale"))
+    ap.add_argument("--append", action="store_true", help="merge into an existing --out (same model and sizes: "
+                    "groups added; else replaced)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.batches < 2 or args.batches % 2:
@@ -307,12 +339,17 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["extrapolated"] = extrapolate(r, args.recon_max_gb)
         r["seconds"] = time.perf_counter() - t0
-        results.append(r)
+        results.append(with_ratios(r))
         print(markdown([r], args), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"argv": sys.argv[1:], "torch": torch.__version__, "transformers": transformers.__version__,
+    meta = {"argv": [sys.argv[1:]], "torch": torch.__version__, "transformers": transformers.__version__,
             "prod": [PROD_SAMPLES, PROD_TOKENS], "notes": {k: s.note for k, s in SPECS.items() if s.note}}
+    if args.append and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        prev = old["meta"]["argv"]
+        meta["argv"] = (prev if prev and isinstance(prev[0], list) else [prev]) + meta["argv"]
+        results = merge([with_ratios(r) for r in old["results"]], results)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     out.with_suffix(".md").write_text(markdown(results, args))
 
