@@ -327,7 +327,6 @@ def main() -> None:
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "OMP_NUM_THREADS": str(args.threads)}
-    results = []
     for name in args.models.split(","):
         if name not in SPECS:
             ap.error(f"--models: unknown {name!r}; choose from {list(SPECS)}")
@@ -339,16 +338,21 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["extrapolated"] = extrapolate(r, args.recon_max_gb)
         r["seconds"] = time.perf_counter() - t0
-        results.append(with_ratios(r))
-        print(markdown([r], args), flush=True)
+        print(markdown([with_ratios(r)], args), flush=True)
+        save([r], args, append=args.append or name != args.models.split(",")[0])  # a later failure loses nothing
+
+
+def save(results: list[dict], args, append: bool) -> None:
+    """``--out``.json (raw; merged into the existing file when ``append``) and .md (the table)."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"argv": [sys.argv[1:]], "torch": torch.__version__, "transformers": transformers.__version__,
             "prod": [PROD_SAMPLES, PROD_TOKENS], "notes": {k: s.note for k, s in SPECS.items() if s.note}}
-    if args.append and out.with_suffix(".json").exists():
+    if append and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
         prev = old["meta"]["argv"]
-        meta["argv"] = (prev if prev and isinstance(prev[0], list) else [prev]) + meta["argv"]
+        prev = prev if prev and isinstance(prev[0], list) else [prev]
+        meta["argv"] = prev + [a for a in meta["argv"] if a != prev[-1]]
         results = merge([with_ratios(r) for r in old["results"]], results)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     out.with_suffix(".md").write_text(markdown(results, args))
