@@ -18,8 +18,8 @@ How per-slot outputs are obtained without doubling the expert FLOPs:
   ``combine``). Model outputs are BITWISE those of a plain forward, in every dtype. The tap (its rows
   recombined) or the replay is checked bitwise against the real call once per process and key
   (``native.replay_key``: implementation, experts class, dtypes, device type, width, top-k; one extra
-  experts call per process, not per layer or per calibration); where both differ the blocks of that key fall back to the hooks path
-  (logged, in ``fallbacks``). The implementation is restored on exit.
+  experts call per process, not per layer or per calibration); where both differ the blocks of that key
+  fall back to the hooks path (logged, in ``fallbacks``). The implementation is restored on exit.
 * other classes (DBRX, LongCat, or ``implementation="hooks"``) use a pre-hook on ``experts`` that binds the
   forward signature and a post-hook that recomputes the per-slot outputs on the side (bit-identical model
   outputs, twice the expert FLOPs); decorated classes recompute them with their own implementation
@@ -49,6 +49,8 @@ from moeprune.observe.record import MoERecord
 log = logging.getLogger(__name__)
 IMPL_NAME = "moeprune_capture"
 _ACTIVE: dict[int, tuple[MoECapture, ExpertBank]] = {}  # id(experts module) -> owner while capturing
+
+
 def _capture_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
     """Registered as ``"moeprune_capture"``: per-slot outputs once, then the gate-weighted sum."""
     idx = top_k_index if top_k_index is not None else kwargs.pop("router_indices", None)
@@ -329,7 +331,8 @@ class MoECapture:
             raise RuntimeError(f"{bank.name}: experts implementation {impl!r} recorded no per-slot outputs this "
                                "call (it did on its first); observe with implementation='hooks'")
         out, f, pos, rows = got
-        self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows, routed=out)
+        self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
+                   routed=out.reshape(x.shape[0], -1))
         return out.view(hidden.shape)
 
     def _fall_back(self, bank: ExpertBank, why: str) -> None:

@@ -99,7 +99,8 @@ class _Tap:
 
 
 def _sorted_pos(idx: torch.Tensor) -> torch.Tensor:
-    """grouped_mm's slot order: ``torch.sort`` of the flat expert ids, the same call on the same tensor."""
+    """grouped_mm's slot order: ``torch.sort`` of the flat expert ids, the same call on the same tensor (sorting
+    is deterministic for a given input, ties included; ``decide`` checks the order once per key)."""
     return torch.sort(idx.reshape(-1))[1]
 
 
