@@ -260,8 +260,9 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
         if p is not None and all(p[k] == r[k] for k in same):
             p["groups"].update(r["groups"])
             p["extrapolated"]["groups"].update(r["extrapolated"]["groups"])
-            for k in ("wall", "cpu"):
-                p[k]["plain"] = r[k]["plain"]
+            for k in ("wall", "cpu"):  # raw repeats of the new run's variants (its plain forward included)
+                p[k].update(r[k])
+            p["first_observe_s"] = r["first_observe_s"]
             p["plain_peak"], p["resident"] = r["plain_peak"], r["resident"]
             p["extrapolated"]["plain_h"] = r["extrapolated"]["plain_h"]
             p["seconds"] = p.get("seconds", 0) + r["seconds"]
