@@ -156,7 +156,9 @@ def fit(points: list[tuple[int, int, float]]) -> list[float]:
 
 
 def child(args) -> dict:
-    """One model: build, memory + state sizes (untimed first runs), then interleaved timed reps."""
+    """One model, one part: ``memory`` (peak RSS and state sizes, untimed; run with glibc's mmap threshold
+    pinned so freed buffers leave RSS) or ``time`` (a warm-up run of each variant, then interleaved repeats;
+    default allocator, as users run it)."""
     name, n, s = args.child, args.batches, args.tokens or SPECS[args.child].tokens
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -182,41 +184,53 @@ def child(args) -> dict:
 
     runs = {"plain": plain, **{g: observed(g) for g in groups}}
     out = {"model": name, "impl": model.config._experts_implementation, "layers": args.layers, "batches": n,
-           "tokens": s, "threads": torch.get_num_threads(), "init_s": init_s, "resident": resident,
-           "groups": {}, "first_observe_s": None}
+           "tokens": s, "threads": torch.get_num_threads(), "init_s": init_s, "resident": resident}
     t0 = time.perf_counter()
     observed("routed")()  # the first observe in the process also runs the one-off bitwise check of the tap
     out["first_observe_s"] = time.perf_counter() - t0
+    if args.part == "time":
+        return {**out, **timed(runs, args.reps)}
     with PeakRss() as pm:
         plain()
-    out["plain_peak"] = pm.peak
-    half = [b[:, : s // 2] for b in batches[: n // 2]]
+    out["plain_peak"], out["groups"] = pm.peak, {}
     for g in groups:
-        obs, bs = recon_observer(model, batches, feats(g), **ropts)
-        with PeakRss() as pm:
-            run_batches(model, bs[: n // 2], obs, progress=False)
-            p1 = state_bytes(obs, g)
-            run_batches(model, bs[n // 2:], obs, progress=False, batch_offset=n // 2)
-            p2 = state_bytes(obs, g)
-        recon = obs.recon.meta() if g == "reconstruction" and obs.recon else None
-        del obs, bs
-        obs, bs = recon_observer(model, half, feats(g), **ropts)
-        run_batches(model, bs, obs, progress=False)
-        pts = [(n // 2, n // 2 * s, p1), (n, n * s, p2), (n // 2, n // 2 * (s // 2), state_bytes(obs, g))]
-        del obs, bs
-        out["groups"][g] = {"peak": pm.peak, "peak_increase": pm.peak - pm.base, "state_bytes": p2,
-                            "state_points": pts, "fit": fit(pts), "recon": recon}
+        out["groups"][g] = memory_and_state(model, batches, g, ropts)
         print(f"{name}: {g} memory and state done", file=sys.stderr, flush=True)
+    out["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def timed(runs: dict, reps: int) -> dict:
+    """A warm-up run of each variant, then ``reps`` interleaved rounds: wall and process CPU seconds."""
+    for fn in runs.values():
+        fn()
     wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
-    for _ in range(args.reps):
+    for _ in range(reps):
         for k, fn in runs.items():
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
             wall[k].append(time.perf_counter() - w0)
             cpu[k].append(time.process_time() - c0)
-    out["wall"], out["cpu"] = wall, cpu
-    out["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
+    return {"wall": wall, "cpu": cpu}
+
+
+def memory_and_state(model, batches: list, g: str, ropts: dict) -> dict:
+    """Peak RSS of one observe run with group ``g``, and its state bytes per layer after n/2 and n batches
+    and after n/2 half-length batches (the three points of ``fit``)."""
+    n, s = len(batches), batches[0].shape[1]
+    obs, bs = recon_observer(model, batches, feats(g), **ropts)
+    with PeakRss() as pm:
+        run_batches(model, bs[: n // 2], obs, progress=False)
+        p1 = state_bytes(obs, g)
+        run_batches(model, bs[n // 2:], obs, progress=False, batch_offset=n // 2)
+        p2 = state_bytes(obs, g)
+    recon = obs.recon.meta() if g == "reconstruction" and obs.recon else None
+    del obs, bs
+    obs, bs = recon_observer(model, [b[:, : s // 2] for b in batches[: n // 2]], feats(g), **ropts)
+    run_batches(model, bs, obs, progress=False)
+    pts = [(n // 2, n // 2 * s, p1), (n, n * s, p2), (n // 2, n // 2 * (s // 2), state_bytes(obs, g))]
+    return {"peak": pm.peak, "peak_increase": pm.peak - pm.base, "state_bytes": p2, "state_points": pts,
+            "fit": fit(pts), "recon": recon}
 
 
 def extrapolate(r: dict, recon_max_gb: float | None) -> dict:
@@ -247,6 +261,7 @@ def with_ratios(r: dict) -> dict:
         if g in r["wall"] and "time_x_wall" not in d:
             d["time_x_wall"] = statistics.median(r["wall"][g]) / mw
             d["time_x_cpu"] = statistics.median(r["cpu"][g]) / mc
+            d["plain_median_s"] = {"wall": mw, "cpu": mc}
     return r
 
 
@@ -317,6 +332,7 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="merge into an existing --out (same model and sizes: "
                     "groups added; else replaced)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--part", default="memory", choices=("memory", "time"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.batches < 2 or args.batches % 2:
         ap.error(f"--batches {args.batches}: needs an even number >= 2 (state sizes at n/2 and n batches)")
@@ -326,17 +342,22 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-           "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    mem_env = {**env, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+    def run_child(name: str, part: str, env: dict) -> dict:
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name, "--part", part], env=env,
+                              check=False, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{name} ({part}) failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     for name in args.models.split(","):
         if name not in SPECS:
             ap.error(f"--models: unknown {name!r}; choose from {list(SPECS)}")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], env=env, check=False,
-                              capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = run_child(name, "memory", mem_env)
+        r.update({k: v for k, v in run_child(name, "time", env).items() if k in ("wall", "cpu", "first_observe_s")})
         r["extrapolated"] = extrapolate(r, args.recon_max_gb)
         r["seconds"] = time.perf_counter() - t0
         print(markdown([with_ratios(r)], args), flush=True)
