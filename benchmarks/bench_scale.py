@@ -4,11 +4,14 @@ Each model (a few decoder layers, every one a MoE layer, vocabulary cut to ``--v
 are not per-layer and only the last position's logits are computed) runs in its own child process, so peak
 RSS is per model. Per feature group (``routed`` alone, or ``routed`` + the group):
 
-* time: observe vs a plain forward on the same batches, interleaved in one run, median of ``--reps``; the
-  ratio of medians (wall time, and process CPU time: with 1 torch thread the CPU time barely moves with
-  other load on a shared machine). The plain forward uses the experts implementation transformers picks
-  (reported); observe runs that same implementation (``observe/native.py``).
-* peak RSS of the child during the group's (untimed) first run, and its increase over the resident model.
+* time (a child process with the default allocator): observe vs a plain forward on the same batches, a
+  warm-up run each, then interleaved repeats; the ratio of medians (wall time, and process CPU time: with 1
+  torch thread the CPU time moves less with other load on a shared machine). The plain forward uses the
+  experts implementation transformers picks (reported); observe runs that same implementation
+  (``observe/native.py``). The first observe of the process (it runs the one-off bitwise check) is timed
+  apart.
+* peak RSS (a second child, glibc's mmap threshold pinned so freed buffers leave RSS) during the group's
+  first run, and its increase over the resident model.
 * statistics bytes per MoE layer: the accumulators' ``state_dict`` after ``n/2`` and ``n`` batches of
   ``S`` tokens and ``n/2`` batches of ``S/2`` tokens, fitted exactly as ``a + b * samples + c * tokens``.
 
