@@ -314,7 +314,9 @@ def markdown(results: list[dict], args) -> str:
             lines.append(f"| | | {g} | {d['time_x_wall']:.3f} | {d['time_x_cpu']:.3f} | {fmt_bytes(d['peak'])} | "
                          f"{fmt_bytes(d['peak'] - r['resident'])} | {fmt_bytes(d['state_bytes'])} | "
                          f"{fmt_bytes(x['state_per_layer'])} | {x['grows_with']} | {full} | {x['observe_h']:.3g} |")
-    return "\n".join(lines) + "\n"
+    note = ("\nTime x: median of the repeats over the median plain forward of the SAME run (``--append`` merges runs: "
+            "each group keeps its own baseline, ``plain_median_s`` in the json); the plain rows show the latest run.\n")
+    return "\n".join(lines) + "\n" + note
 
 
 def main() -> None:
