@@ -22,7 +22,10 @@ quadratic term ignored); the NAEE cache also at the product's ``recon_max_gb`` c
     python benchmarks/bench_scale.py --models qwen3_30b_a3b,mixtral_8x7b --layers 2 --batches 4 \\
         --tokens 256 --groups routed,direction,neurons,transitions,paths,cluster,reconstruction --threads 1
 
-Results: ``benchmarks/results/scale.{json,md}`` (``--out``).
+Results: ``benchmarks/results/scale.{json,md}`` (``--out``; ``--append`` merges a run into them). Duration: every
+model and group (the default) does not fit 25 minutes on a shared 2-core machine (Qwen3-30B-A3B's layers
+alone took 17 minutes under load 5-10; ``paths``, ``neurons`` and ``reconstruction`` dominate): run subsets
+(``--groups routed`` over all models takes about 10 minutes) and merge them with ``--append``.
 """
 from __future__ import annotations
 
