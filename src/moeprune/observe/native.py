@@ -69,11 +69,15 @@ def combine(impl: str | None, f: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
     ``f`` is laid out as :func:`expand` returns it."""
     t, k = idx.shape
     if impl in EAGER:
+        # eager adds, expert by expert in increasing id, each token's gated row into zeros of the model dtype
+        # (index_add_: one rounded add per row and call). The same adds in the same order per token, vectorised
+        # over tokens: k steps instead of a loop over the experts.
+        fk, order = f.view(k, t, -1), idx.argsort(dim=1)  # [k, T, H] slot-major rows; [T, k] by expert id
+        tok = torch.arange(t, device=f.device)
         out = torch.zeros(t, f.shape[-1], dtype=dtype, device=f.device)
-        for e in torch.unique(idx).tolist():  # ascending, as eager's expert_hit
-            top_k_pos, token_idx = torch.where(idx.T == e)  # [k, T] mask: (slot, token) row-major
-            cur = f[top_k_pos * t + token_idx] * w[token_idx, top_k_pos, None]
-            out.index_add_(0, token_idx, cur.to(dtype))
+        for j in range(k):
+            slot = order[:, j]
+            out += (fk[slot, tok] * w[tok, slot, None]).to(dtype)
         return out
     return (f.view(t, k, -1) * w.reshape(t, k, 1)).sum(dim=1).to(dtype)
 
