@@ -179,3 +179,60 @@ def test_per_slot_values_are_the_models_own(tiny_cache, input_ids):
     rec = cap.records[li][0]
     assert rec.out.dtype == torch.bfloat16 and torch.equal(rec.out, f.view(rec.out.shape))
     assert torch.equal(rec.routed, seen["out"].float())
+
+
+def test_registered_implementations_are_tapped_and_checked_once(fresh_tiny, input_ids, monkeypatch):
+    """grouped_mm / batched_mm: the per-slot rows come from the model's own single call (mode TAP; no second
+    expert pass), eager replays its combine (REPLAY); the bitwise check runs once per process and key
+    (implementation, class, dtypes, width, top-k), not once per MoE layer or per capture."""
+    from moeprune.observe import native
+
+    monkeypatch.setattr(native, "MODES", {})
+    checked = []
+    decide = native.decide
+    monkeypatch.setattr(native, "decide", lambda key, *a: checked.append(key) or decide(key, *a))
+    model = fresh_tiny("qwen3_moe", torch.bfloat16)
+    assert len(list(iter_moe_blocks(model))) == 2
+    for impl, want in (("grouped_mm", native.TAP), ("batched_mm", native.TAP), ("eager", native.REPLAY)):
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            ref = model(input_ids=input_ids).logits
+            for _ in range(2):
+                with MoECapture(model) as cap:
+                    assert torch.equal(model(input_ids=input_ids).logits, ref), impl
+                assert not cap.fallbacks
+        assert native.MODES[checked[-1]] == want, impl
+    assert len(checked) == 3
+
+
+def test_tap_records_rows_after_the_modules_post_expert_norm(fresh_tiny, input_ids, monkeypatch):
+    """An experts module with its own post-expert norm (``has_post_expert_norm``): the tap applies that norm
+    and records its output (first MoE layer, same routing: the norm of the un-normed rows), bitwise the
+    per-slot rows of the hooks path, and the forward stays bitwise."""
+    from moeprune.observe import native
+
+    monkeypatch.setattr(native, "MODES", {})
+    model = fresh_tiny("qwen3_moe", torch.bfloat16)
+    blocks = list(iter_moe_blocks(model))
+    with torch.no_grad(), MoECapture(model) as plain:
+        model(input_ids=input_ids)
+    g = torch.Generator().manual_seed(0)
+    norms = {}
+    for li, _, blk in blocks:
+        norm = norms[li] = torch.nn.LayerNorm(model.config.hidden_size, dtype=torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        blk.experts.has_post_expert_norm, blk.experts.post_expert_norm = True, norm
+    with torch.no_grad():
+        ref = model(input_ids=input_ids).logits
+        with MoECapture(model) as tap:
+            got = model(input_ids=input_ids).logits
+        with MoECapture(model, implementation="hooks") as hooks:
+            model(input_ids=input_ids)
+        first = blocks[0][0]
+        want = norms[first](plain.records[first][0].slot_out)
+    assert torch.equal(got, ref) and set(native.MODES.values()) == {native.TAP}
+    assert torch.equal(tap.records[first][0].slot_out, want)
+    for li, recs in tap.records.items():
+        assert torch.equal(recs[0].slot_out, hooks.records[li][0].slot_out)
+        assert torch.equal(recs[0].slot_pos, hooks.records[li][0].slot_pos)

@@ -137,6 +137,25 @@ class Accumulator:
         return self
 
 
+SLOT_CHUNK_BYTES = 1 << 19  # working-precision rows of f per pass of slot_norm_max: stays in cache for 3 reductions
+
+
+def slot_norm_max(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f [S, H]`` -> ``||f||``, ``max f`` and ``min f`` ``[S]`` in working precision (exact for the max and
+    min), from row chunks of ~512 KiB upcast once: the three reductions read each chunk from cache and no
+    working-precision copy of the whole ``f`` is made (half the time of reducing bf16 ``f`` three times)."""
+    s, h = f.shape
+    wt = fp(f[:0]).dtype
+    rows = max(1, SLOT_CHUNK_BYTES // max(1, h * torch.finfo(wt).bits // 8))
+    nrm, top, bottom = (torch.empty(s, dtype=wt, device=f.device) for _ in range(3))
+    for i in range(0, s, rows):
+        c, o = fp(f[i:i + rows]), slice(i, i + rows)
+        torch.linalg.vector_norm(c, dim=-1, out=nrm[o])
+        torch.amax(c, -1, out=top[o])
+        torch.amin(c, -1, out=bottom[o])
+    return nrm, top, bottom
+
+
 def _routed_slots(rec: MoERecord, num_experts: int) -> torch.Tensor | None:
     """Mask of slots that count (valid token, real expert), or None when all do (no gather needed)."""
     m = rec.slot_valid if rec.valid_index is not None else None
@@ -194,13 +213,11 @@ class RoutedAccumulator(Accumulator):
     def update(self, rec: MoERecord) -> None:
         self._to(rec.idx.device)
         self._begin(rec)
-        f = rec.slot_out  # [S, H]
-        nrm = torch.linalg.vector_norm(fp(f), dim=-1)  # [S]
-        top, bottom = f.amax(-1), f.amin(-1)  # [S] signed max element and min element of each f
-        amax = fp(torch.maximum(top, -bottom))  # [S] max_i |f_i| (2 reductions beat aminmax)
+        nrm, top, bottom = slot_norm_max(rec.slot_out)  # [S] ||f||, signed max and min element of each f
+        amax = torch.maximum(top, -bottom)  # [S] max_i |f_i| (2 reductions beat aminmax)
         m = _routed_slots(rec, self.num_experts)
         g_soft, g_renorm = reference_gates(rec)
-        ids, g, n, a, s, gs, gr = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax, fp(top),
+        ids, g, n, a, s, gs, gr = (_pick(t, m) for t in (rec.slot_expert, rec.slot_weight, nrm, amax, top,
                                                           g_soft, g_renorm))
         g, n = g.double(), n.double()
         self._index_add("count", ids, torch.ones_like(g))

@@ -9,14 +9,17 @@ before the block. ``T = batch * seq``; padding tokens are flagged by ``record.va
 How per-slot outputs are obtained without doubling the expert FLOPs:
 
 * classes decorated with ``@use_experts_implementation`` are switched to the registered experts
-  implementation ``"moeprune_capture"`` for the duration of the context: it runs the model's OWN
+  implementation ``"moeprune_capture"`` for the duration of the context. It runs the model's OWN
   implementation (the one the config selected: ``grouped_mm`` by default in transformers 5.x, also on
-  CPU; ``eager``; ``batched_mm``) once on (token, slot) rows with weight 1, which gives bitwise the
-  per-slot outputs the real call computes, then replays that implementation's weighting and summation in
-  the model dtype (``observe/native.py``). Model outputs are BITWISE those of a plain forward, in every
-  dtype. The replay is checked bitwise against the real call on a block's first call; where it differs
-  the block falls back to the hooks path (logged once, in ``fallbacks``). The implementation is restored
-  on exit.
+  CPU; ``eager``; ``batched_mm``): ``grouped_mm`` / ``batched_mm`` are called once on the real inputs and
+  tapped for the per-slot rows they weight (``native.tap``: the model's own output, no extra expert work);
+  ``eager`` runs once on (token, slot) rows with weight 1, which gives bitwise the per-slot outputs the real
+  call computes, and its weighting and summation are replayed in the model dtype (``native.expand`` /
+  ``combine``). Model outputs are BITWISE those of a plain forward, in every dtype. The tap (its rows
+  recombined) or the replay is checked bitwise against the real call once per process and key
+  (``native.replay_key``: implementation, experts class, dtypes, device type, width, top-k; one extra
+  experts call per process, not per layer or per calibration); where both differ the blocks of that key
+  fall back to the hooks path (logged, in ``fallbacks``). The implementation is restored on exit.
 * other classes (DBRX, LongCat, or ``implementation="hooks"``) use a pre-hook on ``experts`` that binds the
   forward signature and a post-hook that recomputes the per-slot outputs on the side (bit-identical model
   outputs, twice the expert FLOPs); decorated classes recompute them with their own implementation
@@ -41,7 +44,7 @@ from torch import nn
 
 from moeprune.observe import native
 from moeprune.observe.experts import ExpertBank, build_banks, model_adapter
-from moeprune.observe.record import MoERecord, work_dtype
+from moeprune.observe.record import MoERecord
 
 log = logging.getLogger(__name__)
 IMPL_NAME = "moeprune_capture"
@@ -115,7 +118,6 @@ class MoECapture:
         self._pending: dict[int, Any] = {}
         self._x: dict[int, torch.Tensor] = {}
         self._resid: dict[int, torch.Tensor | str] = {}
-        self._verified: set[int] = set()
         self.fallbacks: dict[str, str] = {}  # block name -> why it runs the hooks path (logged once)
 
     # ---------------------------------------------------------------- batch bookkeeping
@@ -306,36 +308,47 @@ class MoECapture:
 
     def _run_experts(self, bank: ExpertBank, mod: nn.Module, hidden: torch.Tensor, idx: torch.Tensor,
                      w: torch.Tensor) -> torch.Tensor:
-        """The registered implementation: per-slot outputs once, then the model's own combine (bitwise the
-        plain forward; checked on the block's first call, else the block falls back to the hooks path)."""
+        """The registered implementation: the model's own call tapped for its per-slot outputs, or per-slot
+        outputs once and the model's own combine replayed (bitwise the plain forward: checked on the first call
+        of its ``native.replay_key`` in the process, else the hooks path)."""
         x = hidden.reshape(-1, hidden.shape[-1])
         impl = self._orig_impl.get(bank.layer)
         if bank.name in self.fallbacks:
             out = native.own_function(mod, impl)(mod, hidden, idx, w)
             self._emit_native(bank, mod, impl, x, idx, w, out)
             return out
-        f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
-        out = native.combine(impl, f, idx, w, hidden.dtype)
-        if bank.layer not in self._verified:
-            self._verified.add(bank.layer)
-            with torch.no_grad():
-                real = native.own_function(mod, impl)(mod, hidden, idx, w).reshape(out.shape)
-            if not torch.equal(real, out):
-                self.fallbacks[bank.name] = (f"replaying experts implementation {impl or 'eager'!r} in {x.dtype} "
-                                             "differs from the model's own call")
-                log.warning("observe: MoE block %s: %s; this block uses the hooks path (model output from the "
-                            "model's own call, per-slot outputs recomputed: twice the expert FLOPs)",
-                            bank.name, self.fallbacks[bank.name])
-                out = real
+        key = native.replay_key(mod, impl, hidden, idx, w)
+        mode = native.MODES.get(key)
+        got = native.decide(key, mod, impl, hidden, idx, w) if mode is None else None
+        mode = native.MODES[key]
+        if mode not in (native.TAP, native.REPLAY):
+            self._fall_back(bank, mode)
+            return self._run_experts(bank, mod, hidden, idx, w)
+        if got is None:
+            run = native.tapped if mode == native.TAP else native.replayed
+            got = run(mod, impl, hidden, idx, w)
+        if got is None:
+            raise RuntimeError(f"{bank.name}: experts implementation {impl!r} recorded no per-slot outputs this "
+                               "call (it did on its first); observe with implementation='hooks'")
+        out, f, pos, rows = got
         self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
-                   routed=out.to(work_dtype(out.dtype, w.dtype)))
+                   routed=out.reshape(x.shape[0], -1))
         return out.view(hidden.shape)
 
+    def _fall_back(self, bank: ExpertBank, why: str) -> None:
+        self.fallbacks[bank.name] = why
+        log.warning("observe: MoE block %s: %s; this block uses the hooks path (model output from the model's "
+                    "own call, per-slot outputs recomputed: twice the expert FLOPs)", bank.name, why)
+
     def _emit_native(self, bank: ExpertBank, mod: nn.Module, impl: str | None, x, idx, w, out) -> None:
-        """Hooks path of a decorated class: ``out`` is the model's own output; per-slot values from ``impl``."""
+        """Hooks path of a decorated class: ``out`` is the model's own output; per-slot values from ``impl``,
+        in the slot order of its tap where it has one (the order the fast path sums in)."""
         f, pos, rows = native.expand(mod, impl, x, idx, w.dtype)
+        known, tap_pos = native.tap_layout(mod, impl, idx)
+        if known and tap_pos is not None:  # expand gave token-major rows (pos None)
+            f, rows, pos = f.index_select(0, tap_pos), rows.index_select(0, tap_pos), tap_pos
         self._emit(bank, x, idx, w, f, self._inter(bank, x, idx, pos), slot_pos=pos, slot_x=rows,
-                   routed=out.reshape(x.shape[0], -1).to(work_dtype(out.dtype, w.dtype)))
+                   routed=out.reshape(x.shape[0], -1))
 
     def _inter(self, bank: ExpertBank, x, idx, pos) -> torch.Tensor | None:
         """``[S, I]`` intermediates in the slot layout ``pos`` (None: token-major), recomputed by ``ExpertBank``

@@ -1,7 +1,7 @@
 """One MoE block call as seen by the capture: token-level tensors plus a flat list of routed slots.
 
 Slots (one per (token, top-k position)) are stored flat in whatever order the expert computation produced
-them (token-major for grouped_mm / batched_mm, slot-major for eager, sorted by expert for DBRX / LongCat),
+them (sorted by expert for grouped_mm and DBRX / LongCat, token-major for batched_mm, slot-major for eager),
 in the model's dtype (the values it really computed; accumulators upcast): ``slot_pos[s] = t * k + j`` says which
 ``[T, k]`` position slot ``s`` is. Accumulators reduce the flat slots directly, so no un-sorting copy is
 paid unless someone asks for the ``[T, k, ...]`` views (``out``, ``inter``).
@@ -97,11 +97,14 @@ class MoERecord:
     @property
     def routed(self) -> torch.Tensor:
         """``[T, H]`` routed output ``sum_k g * f`` (shared experts excluded), float32 or float64: the experts
-        module's own output upcast where the capture has it, else summed here from the slots."""
+        module's own output (kept in the model dtype until asked for) upcast where the capture has it, else
+        summed here from the slots."""
         if self._routed is None:
             dt = work_dtype(self.slot_out.dtype, self.weights.dtype)
             r = torch.zeros(self.x.shape[0], self.slot_out.shape[1], dtype=dt, device=self.slot_out.device)
             self._routed = r.index_add_(0, self.slot_token, self.slot_out.to(dt) * self.slot_weight.to(dt)[:, None])
+        elif self._routed.dtype not in (torch.float32, torch.float64):
+            self._routed = self._routed.to(work_dtype(self._routed.dtype, self.weights.dtype))
         return self._routed
 
     @property
