@@ -12,6 +12,8 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moeprune.arch.structure import realign_tensors_
+
 log = logging.getLogger("moeprune")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -182,6 +184,7 @@ def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None =
             model = transformers.AutoModelForCausalLM.from_pretrained(spec, **kw)
         else:
             model = _from_hub(spec, kw)
+        realign_tensors_(model)  # memory-mapped tensors are 8-byte aligned: same kernels as any other route
         try:
             tok = transformers.AutoTokenizer.from_pretrained(spec)
         except (OSError, ValueError) as e:
