@@ -5,7 +5,8 @@ from moeprune import oneshot
 res = oneshot("Qwen/Qwen3-30B-A3B", dataset="calib.jsonl", recipe="reap", sparsity=0.5, output_dir="out")
 res.model, res.plan, res.eval
 ```
-Each stage is also a function of its own (``observe.calibration.calibrate``, ``measure``, ``kl_to_original``) used by the CLI.
+Each stage is also a function of its own, used by the CLI: ``observe.calibration.calibrate``, ``evaluate.stage``
+(``measure``, ``kl_to_original``), ``apply.run`` (recovery + apply + evaluation of a run).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moeprune.apply.run import RECOVERY_WORK, apply_in_memory, apply_streaming
 from moeprune.atomic import (
     atomic_write_text,
     check_output_dir,
@@ -30,16 +32,16 @@ from moeprune.atomic import (
     output_lock,
     replace_dir,
 )
+from moeprune.evaluate.stage import kl_to_original, measure
 from moeprune.methods.registry import MethodConfig
 from moeprune.observe.calibration import calibrate
 from moeprune.observe.sequential import sequential_plan
 from moeprune.observe.stats import ExpertStats
 from moeprune.plan import PruningPlan
-from moeprune.recipe import EvalConfig, Recipe
+from moeprune.recipe import Recipe
 from moeprune.serving import warn_if_transformers_only
 
 log = logging.getLogger("moeprune")
-RECOVERY_WORK = "recovery-work"  # out-of-core recovery's tensors (in the run folder) until the rewrite read them
 
 
 @dataclass
@@ -72,58 +74,6 @@ def resolve_recipe(recipe: Recipe | MethodConfig | str | os.PathLike | dict | No
 
 def _write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))
-
-
-def eval_text(cfg: EvalConfig) -> str | list[str] | None:
-    if cfg.perplexity is None:
-        return None
-    from moeprune.builtin_text import BUILTINS, builtin_texts
-
-    return builtin_texts(cfg.perplexity, max_chars=4 * (cfg.max_tokens or 10**6) + 1000) \
-        if cfg.perplexity in BUILTINS else cfg.perplexity
-
-
-def measure(model, tokenizer, cfg: EvalConfig, *, progress: bool = True,
-            into: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Perplexity on the held-out text and lm-eval task results of one model. Results go into ``into``
-    (a new dict by default) as each is measured, so a caller keeps the perplexity if lm-eval fails."""
-    from moeprune.evaluate.perplexity import perplexity
-
-    res: dict[str, Any] = {} if into is None else into
-    text = eval_text(cfg)
-    if text is not None:
-        res.update(perplexity(model, tokenizer, text, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
-                              progress=progress))
-    if cfg.lm_eval_tasks:
-        from moeprune.evaluate.lmeval import run_lm_eval
-
-        res["lm_eval"] = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, include_path=cfg.lm_eval_include_path,
-                                     limit=cfg.lm_eval_limit)["results"]
-    return res
-
-
-def kl_to_original(model, tokenizer, cfg: EvalConfig, *, plan: PruningPlan | None = None, pruned: Any = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """KL(original || pruned) per token on the held-out text. Without a second model, the pruned model
-    is simulated by router masking of ``model`` (exactly equal to structural pruning, see the tests),
-    so no second copy of the weights is needed."""
-    from moeprune.apply import mask_experts
-    from moeprune.evaluate.kl import kl_divergence
-    from moeprune.evaluate.perplexity import iter_batches, token_stream
-
-    text = eval_text(cfg)
-    if text is None or not cfg.kl:
-        return {}
-    ids = token_stream(text, tokenizer, max_tokens=cfg.max_tokens)
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_batches(ids, cfg.seq_len, None, 4,
-                                                                                         pad_id=pad)]
-    if pruned is None and plan is None:
-        raise ValueError("kl_to_original needs the pruned model or the plan")
-    res = kl_divergence(model, batches, candidate=pruned,
-                        context=(lambda: mask_experts(model, plan)) if pruned is None else None, progress=progress)
-    return {"kl": res["kl"], "kl_max": res["kl_max"], "top1_agreement": res["top1_agreement"],
-            "kl_tokens": res["tokens"], "kl_via": "router_masking" if pruned is None else "two_models"}
 
 
 def oneshot(model: Any = "tiny:qwen3_moe", dataset: str | None = None,
@@ -257,7 +207,7 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
         warn_if_transformers_only(plan)  # non-uniform / ragged: say where the result will (not) load
         if out:
             plan.save(os.path.join(out, "plan.json"))
-        apply_fn = _apply_streaming if r.apply.mode == "streaming" else _apply_in_memory
+        apply_fn = apply_streaming if r.apply.mode == "streaming" else apply_in_memory
         m, plan = apply_fn(model, m, tok, r, plan, out, results, progress)
     finally:
         if out and results:
@@ -265,101 +215,6 @@ def _run(model: Any, r: Recipe, method: MethodConfig, out: str | None, tokenizer
     if out:
         _write_reports(out, r, plan, results)
     return OneshotResult(model=m, tokenizer=tok, plan=plan, stats=stats, eval=results, output_dir=out)
-
-
-def _eval_into(results: dict[str, Any], key: str, fn: Callable[[dict[str, Any]], None]) -> None:
-    """``fn`` fills ``results[key]`` piece by piece, so what it measured survives a later failure in it."""
-    results[key] = {}
-    fn(results[key])
-
-
-def _recover(m, tok, r: Recipe, plan: PruningPlan, out) -> PruningPlan:
-    """The recipe's recovery step on the unpruned ``m`` (in place); the plan with its record, saved."""
-    from moeprune.observe.calibration import calibration_batches
-    from moeprune.recover import recover, with_record
-
-    batches, _ = calibration_batches(tok, r.calibration)
-    plan = with_record(plan, recover(m, plan, batches, r.recovery.build()))
-    if out:
-        plan.save(os.path.join(out, "plan.json"))
-    return plan
-
-
-def _recover_out_of_core(model, m, tok, r: Recipe, plan: PruningPlan, out, work) -> tuple[PruningPlan, dict]:
-    """The recipe's recovery step layer by layer (``m`` stays unpruned); the plan with its record, saved,
-    and the recovered tensors for ``rewrite_checkpoint(overrides=...)``."""
-    from moeprune.observe.calibration import calibration_batches
-    from moeprune.recover import with_record
-    from moeprune.recover.layerwise import recover_out_of_core
-
-    batches, _ = calibration_batches(tok, r.calibration)
-    record, overrides = recover_out_of_core(m, plan, batches, r.recovery.build(), model, work)
-    plan = with_record(plan, record)
-    plan.save(os.path.join(out, "plan.json"))
-    return plan, overrides
-
-
-def _apply_in_memory(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
-    from moeprune.apply import apply_plan, save_pruned
-
-    evaluate = _has_eval(r.eval)
-    summary = {"method": plan.method, "expert_sparsity": plan.expert_sparsity()}
-    if evaluate:
-        _eval_into(results, "original", lambda d: measure(m, tok, r.eval, progress=progress, into=d))
-    reference = None
-    if r.recovery is not None:  # recovery changes m: KL then needs the original as a second copy
-        import copy
-
-        reference = copy.deepcopy(m) if evaluate and r.eval.kl and eval_text(r.eval) is not None else None
-        plan = _recover(m, tok, r, plan, out)
-        summary["recovery"] = r.recovery.name
-    kl = kl_to_original(m, tok, r.eval, plan=plan, progress=progress) if evaluate and reference is None \
-        and r.recovery is None else {}
-    apply_plan(m, plan)
-    if reference is not None:
-        kl = kl_to_original(reference, tok, r.eval, pruned=m, progress=progress)
-        del reference
-    if evaluate:
-        def pruned(d: dict[str, Any]) -> None:
-            d.update(kl, **summary)
-            measure(m, tok, r.eval, progress=progress, into=d)
-
-        _eval_into(results, "pruned", pruned)
-    if out and r.apply.save:
-        save_pruned(m, os.path.join(out, "model"), plan=plan, tokenizer=tok, max_shard_size=r.apply.max_shard_size)
-    return m, plan
-
-
-def _apply_streaming(model, m, tok, r: Recipe, plan: PruningPlan, out, results, progress):
-    """Out of core: shards are rewritten, the pruned model is loaded only to evaluate it."""
-    from moeprune.apply.streaming import rewrite_checkpoint
-    from moeprune.models import load_model
-
-    evaluate = _has_eval(r.eval)
-    if evaluate:
-        _eval_into(results, "original", lambda d: measure(m, tok, r.eval, progress=progress, into=d))
-    work = os.path.join(out, RECOVERY_WORK)
-    try:
-        overrides: dict[str, str] = {}
-        if r.recovery is not None:
-            plan, overrides = _recover_out_of_core(model, m, tok, r, plan, out, work)
-        path = rewrite_checkpoint(model, plan, os.path.join(out, "model"), max_shard_size=r.apply.max_shard_size,
-                                  progress=progress, overrides=overrides)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if not evaluate:
-        return None, plan
-    pruned, _ = load_model(path, dtype=r.dtype, device=r.device, experts_implementation=r.experts_implementation)
-
-    def measure_pruned(d: dict[str, Any]) -> None:
-        d.update(method=plan.method, expert_sparsity=plan.expert_sparsity())
-        if r.recovery is not None:
-            d["recovery"] = r.recovery.name
-        measure(pruned, tok, r.eval, progress=progress, into=d)
-        d.update(kl_to_original(m, tok, r.eval, pruned=pruned, progress=progress))
-
-    _eval_into(results, "pruned", measure_pruned)
-    return pruned, plan
 
 
 def _write_reports(out: str, r: Recipe, plan: PruningPlan, results: dict[str, Any]) -> None:
@@ -372,5 +227,4 @@ def _write_reports(out: str, r: Recipe, plan: PruningPlan, results: dict[str, An
     write_model_card(out, r, plan, results)
 
 
-def _has_eval(cfg: EvalConfig) -> bool:
-    return cfg.perplexity is not None or bool(cfg.lm_eval_tasks)
+__all__ = ["OneshotResult", "kl_to_original", "measure", "oneshot", "resolve_recipe"]

@@ -238,8 +238,8 @@ def cmd_eval(a) -> None:
 
 def _eval_stages(res: dict, key: str, model, base, tok, cfg, stage: list[str], *, progress: bool) -> None:
     """Fill ``res`` stage by stage (``stage[0]`` names the running one, for the error entry)."""
-    from moeprune.api import kl_to_original, measure
     from moeprune.evaluate.lmeval import run_lm_eval
+    from moeprune.evaluate.stage import kl_to_original, measure
 
     ppl_only = cfg.model_copy(update={"lm_eval_tasks": []})
     res[key].update(measure(model, tok, ppl_only, progress=progress))

@@ -24,7 +24,7 @@ from torch import nn
 from moeprune.apply.shards import read_headers, source_files
 from moeprune.arch.structure import decoder_layers
 from moeprune.models import input_device
-from moeprune.observe.layerwise import _run_layer, execution_device, materialised, record_inputs
+from moeprune.observe.layerwise import execution_device, materialised, record_inputs, run_layer
 from moeprune.observe.lazy import lazy_layers
 from moeprune.observe.runner import eval_mode
 from moeprune.observe.sequential import decoder_index
@@ -36,7 +36,7 @@ from moeprune.recover.export import write_overrides
 
 
 class _Rows:
-    """Stands in for ``_run_layer``'s capture: told the batch index before each forward, the MoE block's
+    """Stands in for ``run_layer``'s capture: told the batch index before each forward, the MoE block's
     pre-hook keeps that batch's chosen rows."""
 
     def __init__(self, rows: list[torch.Tensor]):
@@ -102,7 +102,7 @@ def recover_out_of_core(model: nn.Module, plan: PruningPlan, batches, cfg: Recov
                 bank = banks.get(moe_at.get(i))
                 handle = bank.block.register_forward_pre_hook(cap.hook, with_kwargs=True) if bank else None
                 try:
-                    hidden = _run_layer(layer, i, feed, hidden, calls, None, cap, execution_device(layer, device),
+                    hidden = run_layer(layer, i, feed, hidden, calls, None, cap, execution_device(layer, device),
                                         keep_inputs=False)
                 finally:
                     if handle is not None:
