@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,18 +23,28 @@ if TYPE_CHECKING:
 METHODS: dict[str, type[MethodConfig]] = {}
 
 
+def registrar(table: dict[str, type], kind: str, prepare: Callable[[type], None] | None = None):
+    """The one registration rule (methods, recovery steps): a class decorator factory ``register(name)``
+    that names the class, refuses a name registered twice and files the class in ``table``."""
+
+    def register(name: str):
+        def deco(cls):
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is already registered by {table[name].__qualname__}")
+            cls.name = name
+            if prepare is not None:
+                prepare(cls)
+            table[name] = cls
+            return cls
+
+        return deco
+
+    return register
+
+
 def register_method(name: str):
     """Class decorator: ``@register_method("reap")`` on a frozen dataclass subclass of MethodConfig."""
-
-    def deco(cls):
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
-        cls.name = name
-        cls.__init__ = _typed_init(cls.__init__)
-        METHODS[name] = cls
-        return cls
-
-    return deco
+    return registrar(METHODS, "method", lambda cls: setattr(cls, "__init__", _typed_init(cls.__init__)))(name)
 
 
 @functools.cache

@@ -10,22 +10,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from moeprune.methods.registry import check_option_types
+from moeprune.methods.registry import check_option_types, registrar
 
 RECOVERIES: dict[str, type[RecoveryConfig]] = {}
 
 
 def register_recovery(name: str):
     """Class decorator: ``@register_recovery("merge")`` on a frozen ``RecoveryConfig`` subclass."""
-
-    def deco(cls):
-        if name in RECOVERIES:
-            raise ValueError(f"recovery {name!r} is already registered by {RECOVERIES[name].__qualname__}")
-        cls.name = name
-        RECOVERIES[name] = cls
-        return cls
-
-    return deco
+    return registrar(RECOVERIES, "recovery")(name)
 
 
 @dataclass(frozen=True)
