@@ -124,11 +124,17 @@ def get_method(name: str, **kwargs) -> MethodConfig:
     """Build a registered method config by name, with a helpful error for unknown names/options."""
     import moeprune.methods  # noqa: F401  (registers the built-in methods)
 
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
+    return registered(METHODS, "method", name, kwargs)(**kwargs)
+
+
+def registered(table: dict[str, type], kind: str, name: str, kwargs: dict[str, Any], hint: str = "") -> type:
+    """The class registered as ``name`` in ``table``; unknown names and option names are refused with the
+    choices (``hint`` is appended to the list of names)."""
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}{hint}")
+    cls = table[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(kwargs) - fields)
     if bad:
-        raise ValueError(f"method {name!r} has no option(s) {bad}; its options are {sorted(fields)}")
-    return cls(**kwargs)
+        raise ValueError(f"{kind} {name!r} has no option(s) {bad}; its options are {sorted(fields)}")
+    return cls

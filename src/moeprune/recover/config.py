@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from moeprune.methods.registry import check_option_types, registrar
+from moeprune.methods.registry import check_option_types, registered, registrar
 
 RECOVERIES: dict[str, type[RecoveryConfig]] = {}
 
@@ -78,13 +78,7 @@ class MergeConfig(RecoveryConfig):
 
 def get_recovery(name: str, **kwargs) -> RecoveryConfig:
     """A registered recovery config by name; unknown names/options/types name the choices."""
-    if name not in RECOVERIES:
-        raise ValueError(f"unknown recovery {name!r}; available: {', '.join(sorted(RECOVERIES))} (or null for none)")
-    cls = RECOVERIES[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(kwargs) - fields)
-    if bad:
-        raise ValueError(f"recovery {name!r} has no option(s) {bad}; its options are {sorted(fields)}")
+    cls = registered(RECOVERIES, "recovery", name, kwargs, hint=" (or null for none)")
     try:
         check_option_types(cls, kwargs)
     except ValueError as e:  # its message says "method": this is a recovery step
