@@ -62,6 +62,13 @@ def batch_rows(batches: list, chosen: torch.Tensor) -> list[torch.Tensor | None]
     return out
 
 
+def block_rows(args: tuple, kwargs: dict, rows: torch.Tensor) -> torch.Tensor:
+    """From a MoE block's call (pre-hook arguments): its input at the flat token positions ``rows``, a CPU
+    copy ``[n, H]`` in the model dtype."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return x.reshape(-1, x.shape[-1])[rows.to(x.device)].detach().to("cpu", copy=True)
+
+
 def model_inputs(batch: dict | torch.Tensor) -> dict[str, torch.Tensor]:
     """The forward inputs the capture pass gives the model for one calibration batch."""
     ids, valid = _valid(batch)
@@ -74,6 +81,7 @@ def capture_inputs(model: nn.Module, batches: Iterable, *, max_tokens: int = 409
     """``{layer: X [n, H]}`` (model dtype, on the CPU): MoE-block inputs at ``n <= max_tokens`` seeded
     token positions, in stream order."""
     from moeprune.models import input_device
+    from moeprune.observe.runner import forward_kwargs
 
     batches = list(batches)
     total, chosen = pick_tokens(batches, max_tokens, seed)
@@ -87,19 +95,17 @@ def capture_inputs(model: nn.Module, batches: Iterable, *, max_tokens: int = 409
 
     def hook(li):
         def pre(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            rows = x.reshape(-1, x.shape[-1])[state["rows"].to(x.device)]
-            parts[li].append(rows.detach().to("cpu", copy=True))
+            parts[li].append(block_rows(args, kwargs, state["rows"]))
         return pre
 
     handles = [blk.register_forward_pre_hook(hook(li), with_kwargs=True) for li, blk in found]
-    dev = input_device(model)
+    dev, extra = input_device(model), forward_kwargs(model)  # no cache, last position's logits only
     try:
         for b, rows in zip(batches, batch_rows(batches, chosen)):
             if rows is None:
                 continue
             state["rows"] = rows
-            model(**{k: v.to(dev) for k, v in model_inputs(b).items()}, use_cache=False)
+            model(**{k: v.to(dev) for k, v in model_inputs(b).items()}, **extra)
     finally:
         for h in handles:
             h.remove()

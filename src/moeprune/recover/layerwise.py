@@ -30,7 +30,7 @@ from moeprune.observe.runner import eval_mode
 from moeprune.observe.sequential import decoder_index
 from moeprune.plan import PruningPlan
 from moeprune.recover import as_recovery, recover_layer, recoverable_banks, recovery_record
-from moeprune.recover.capture import batch_rows, check_size, model_inputs, pick_tokens
+from moeprune.recover.capture import batch_rows, block_rows, check_size, model_inputs, pick_tokens
 from moeprune.recover.config import RecoveryConfig
 from moeprune.recover.export import write_overrides
 
@@ -46,9 +46,7 @@ class _Rows:
         self.index = index
 
     def hook(self, mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        rows = self.rows[self.index].to(x.device)
-        self.parts.append(x.reshape(-1, x.shape[-1])[rows].detach().to("cpu", copy=True))
+        self.parts.append(block_rows(args, kwargs, self.rows[self.index]))
 
 
 @contextlib.contextmanager
