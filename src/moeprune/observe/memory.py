@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from moeprune.observe.recon_cache import token_counts
+
 GB = 1e9
 # group -> (calibration option, what reduces the estimate)
 CAPS: dict[str, tuple[str, str]] = {
@@ -37,18 +39,18 @@ CAPS: dict[str, tuple[str, str]] = {
 
 
 def batch_shape(batches: Sequence[Mapping[str, Any]]) -> tuple[int, int, int]:
-    """``(batches B, samples N, valid tokens T)`` of ``as_batch`` mappings (a sample: a row with a valid token)."""
-    n = t = 0
+    """``(batches B, samples N, valid tokens T)`` of ``as_batch`` mappings (a sample: a row with a valid token;
+    tokens counted as the NAEE cache estimate counts them, ``recon_cache.token_counts``)."""
+    n = 0
     for b in batches:
         mask = b.get("attention_mask")
         if mask is None:
             ref = b.get("input_ids", b.get("inputs_embeds"))
-            rows = int(ref.shape[0]) if ref.dim() >= 2 else 1
-            n, t = n + rows, t + (int(ref.shape[0] * ref.shape[1]) if ref.dim() >= 2 else int(ref.numel()))
+            n += int(ref.shape[0]) if ref.dim() >= 2 else 1
         else:
-            m = torch.as_tensor(mask).reshape(-1, torch.as_tensor(mask).shape[-1])
-            n, t = n + int((m.sum(-1) > 0).sum()), t + int(m.sum())
-    return len(batches), n, t
+            m = torch.as_tensor(mask)
+            n += int((m.reshape(-1, m.shape[-1]).sum(-1) > 0).sum())
+    return len(batches), n, sum(token_counts(batches))
 
 
 def _numel(shapes: Mapping[str, tuple[int, ...]]) -> int:
