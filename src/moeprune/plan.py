@@ -66,6 +66,29 @@ class LayerPlan:
         kept = set(self.keep)
         return tuple(e for e in range(self.num_experts) if e not in kept)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (plan files, layer-wise checkpoints): unset fields left out, neuron keys as strings."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        d["keep"] = list(self.keep)
+        if self.neurons is not None:
+            d["neurons"] = {str(e): list(v) for e, v in self.neurons.items()}
+        if self.scores is not None:
+            d["scores"] = list(self.scores)
+        return d
+
+    @classmethod
+    def from_dict(cls, ld: dict[str, Any], li: Any = "?") -> LayerPlan:
+        """Parse ``to_dict``'s form (``li``: the layer, for messages)."""
+        missing = [k for k in ("num_experts", "keep") if k not in ld]
+        if missing:
+            raise ValueError(f"plan layer {li} lacks {missing}")
+        neurons = ld.get("neurons")
+        return cls(num_experts=_ids([ld["num_experts"]], f"layer {li} num_experts")[0], keep=tuple(ld["keep"]),
+                   neurons={_ids([int(e)], "expert")[0]: tuple(v) for e, v in neurons.items()}
+                   if neurons is not None else None,
+                   intermediate_size=ld.get("intermediate_size"),
+                   scores=tuple(ld["scores"]) if ld.get("scores") is not None else None)
+
 
 @dataclass(frozen=True)
 class PruningPlan:
@@ -102,15 +125,7 @@ class PruningPlan:
 
     # ---- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        layers = {}
-        for li, lp in self.layers.items():
-            d = {k: v for k, v in asdict(lp).items() if v is not None}
-            d["keep"] = list(lp.keep)
-            if lp.neurons is not None:
-                d["neurons"] = {str(e): list(v) for e, v in lp.neurons.items()}
-            if lp.scores is not None:
-                d["scores"] = list(lp.scores)
-            layers[str(li)] = d
+        layers = {str(li): lp.to_dict() for li, lp in self.layers.items()}
         return {"format": PLAN_FORMAT, "method": self.method, "method_config": self.method_config,
                 "target": self.target, "model_type": self.model_type,
                 "summary": {"expert_sparsity": round(self.expert_sparsity(), 6), "kept": self.kept_counts()},
@@ -128,18 +143,7 @@ class PruningPlan:
                              "to the model's model_type (or to null to apply it to any model with matching shapes)")
         if not isinstance(d.get("layers"), dict) or not d["layers"]:
             raise ValueError("the plan has no 'layers' mapping (layer index -> {num_experts, keep})")
-        layers = {}
-        for li, ld in d["layers"].items():
-            missing = [k for k in ("num_experts", "keep") if k not in ld]
-            if missing:
-                raise ValueError(f"plan layer {li} lacks {missing}")
-            neurons = ld.get("neurons")
-            layers[_ids([int(li)], "layer")[0]] = LayerPlan(
-                num_experts=_ids([ld["num_experts"]], f"layer {li} num_experts")[0], keep=tuple(ld["keep"]),
-                neurons={_ids([int(e)], "expert")[0]: tuple(v) for e, v in neurons.items()}
-                if neurons is not None else None,
-                intermediate_size=ld.get("intermediate_size"),
-                scores=tuple(ld["scores"]) if ld.get("scores") is not None else None)
+        layers = {_ids([int(li)], "layer")[0]: LayerPlan.from_dict(ld, li) for li, ld in d["layers"].items()}
         _check_summary(d.get("summary"), layers)
         if d["model_type"] is None:
             log.warning("the plan has model_type null: it is applied to any model whose MoE shapes match")

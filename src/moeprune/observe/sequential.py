@@ -154,11 +154,11 @@ class SequentialPlanner:
 
     # ---- committed state (layer-wise checkpoint) and result
     def state_dict(self) -> dict[str, Any]:
-        return {"decisions": {li: _layer_dict(lp) for li, lp in self.decisions.items()},
+        return {"decisions": {li: lp.to_dict() for li, lp in self.decisions.items()},
                 "layer_meta": dict(self.layer_meta)}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        self.decisions = {int(li): _layer_plan(d) for li, d in sd.get("decisions", {}).items()}
+        self.decisions = {int(li): LayerPlan.from_dict(d, li) for li, d in sd.get("decisions", {}).items()}
         self.layer_meta = {int(li): m for li, m in sd.get("layer_meta", {}).items()}
 
     def plan(self, model_type: str | None) -> PruningPlan:
@@ -171,20 +171,6 @@ class SequentialPlanner:
         return PruningPlan(layers=dict(self.decisions), method=self.method.name,
                            method_config=self.method.to_dict(), target=self.target.to_dict(),
                            model_type=model_type, meta=meta)
-
-
-def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
-    return {"num_experts": lp.num_experts, "keep": list(lp.keep),
-            "neurons": {int(e): list(v) for e, v in lp.neurons.items()} if lp.neurons else None,
-            "intermediate_size": lp.intermediate_size,
-            "scores": list(lp.scores) if lp.scores is not None else None}
-
-
-def _layer_plan(d: Mapping[str, Any]) -> LayerPlan:
-    return LayerPlan(num_experts=int(d["num_experts"]), keep=tuple(d["keep"]),
-                     neurons={int(e): tuple(v) for e, v in d["neurons"].items()} if d.get("neurons") else None,
-                     intermediate_size=d.get("intermediate_size"),
-                     scores=tuple(d["scores"]) if d.get("scores") is not None else None)
 
 
 @contextlib.contextmanager
