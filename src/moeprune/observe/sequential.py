@@ -50,14 +50,20 @@ CROSS_LAYER_FEATURES = ("paths", "transitions")  # methods needing these plan on
 _LAYER_KEYS = ("num_experts", "top_k", "intermediate_size", "n_group", "router", "expert_params")
 
 
-def restrict_stats(obs: Observer, model: nn.Module, data: Mapping[str, Any] | None,
-                   layers: list[int]) -> ExpertStats:
-    """The statistics of ``layers`` (observed so far) with their metadata, as if the model had only them."""
-    meta = build_meta(model, obs, data)
+def _layers_meta(meta: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    """``meta`` with its per-layer entries restricted to ``layers``."""
     keep = {str(li) for li in layers}
     for key in _LAYER_KEYS:
         if isinstance(meta.get(key), dict):
             meta[key] = {k: v for k, v in meta[key].items() if k in keep}
+    return meta
+
+
+def restrict_stats(obs: Observer, model: nn.Module, data: Mapping[str, Any] | None,
+                   layers: list[int]) -> ExpertStats:
+    """The statistics of ``layers`` (observed so far) with their metadata, as if the model had only them."""
+    meta = _layers_meta(build_meta(model, obs, data), layers)
+    keep = {str(li) for li in layers}
     meta["moe_layers"] = list(layers)
     meta["next_moe_layer"] = {a: b for a, b in meta["next_moe_layer"].items() if a in keep and str(b) in keep}
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -73,11 +79,7 @@ def restrict_stats(obs: Observer, model: nn.Module, data: Mapping[str, Any] | No
 
 def _skeleton(obs: Observer, model: nn.Module, layers: list[int]) -> ExpertStats:
     """Metadata-only stats (no tensors) of ``layers``: enough to resolve a target's per-layer counts."""
-    meta = build_meta(model, obs)
-    keep = {str(li) for li in layers}
-    for key in _LAYER_KEYS:
-        if isinstance(meta.get(key), dict):
-            meta[key] = {k: v for k, v in meta[key].items() if k in keep}
+    meta = _layers_meta(build_meta(model, obs), layers)
     for li in layers:  # top_k only sets floors (feasibility is checked by the method's plan); 1 is safe here
         meta["top_k"][str(li)] = meta["top_k"].get(str(li)) or 1
     return ExpertStats(layers={li: {} for li in layers}, meta=meta)
